@@ -1,0 +1,236 @@
+"""Real datasets (polyp, fundus, prostate, faz) through TFDS builders, without TensorFlow.
+
+`load_real_task(config)` builds each site's TFDS dataset on first use (array_record files
+under `config.data.tfds_dir`), reads it back with `builder.as_data_source()`, sorts the
+records by their stored index and returns a `FederatedData` of uint8 arrays.
+
+Where the raw data is looked for (first match wins):
+  1. `config.data.root` if set;
+  2. `{data_dir}/{task}`;
+  3. fundus only: `{data_dir}/samples/Fundus`; prostate only: `{data_dir}/samples/ProstateSlice`
+     (the tiny samples of shared/data, for smoke tests);
+with `data_dir = config.data_dir or $LCFED_DATA_DIR`. The raw folder is only read.
+
+Prepared data goes to `config.data.tfds_dir or $LCFED_TFDS_DIR or ~/.cache/lcfed_jax/tfds`,
+as `<tfds_dir>/lcfed_<task>/<site>_<size>px_<hash>/1.0.0/`. The hash covers the raw root
+(absolute path), the layout and the options that change the data (polyp_site2 for the
+ETIS site; prostate_mask, prostate_norm, foreground_slices_only for prostate), so a
+change in any of them, or in the image size, makes a new build instead of reusing a
+stale one. Delete the folder to force a rebuild after editing raw files in place.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import numpy as np
+
+from lcfed_jax.data.builders import common
+from lcfed_jax.data.builders import faz as faz_lib
+from lcfed_jax.data.builders import fundus as fundus_lib
+from lcfed_jax.data.builders import polyp as polyp_lib
+from lcfed_jax.data.builders import prostate as prostate_lib
+from lcfed_jax.data.types import FederatedData, SiteSplit
+from lcfed_jax.errors import DataError
+
+log = logging.getLogger(__name__)
+
+TASKS = ("polyp", "fundus", "prostate", "faz")
+
+TASK_INFO = {
+    "polyp": dict(builder=polyp_lib.LcfedPolyp, roots=("polyp",), classes=["polyp"],
+                  eval_unit="image", postprocess="none", module=polyp_lib),
+    "fundus": dict(builder=fundus_lib.LcfedFundus, roots=("fundus", "samples/Fundus"),
+                   classes=["optic_disc", "optic_cup"], eval_unit="image",
+                   postprocess="largest_component", module=fundus_lib),
+    "prostate": dict(builder=prostate_lib.LcfedProstate,
+                     roots=("prostate", "samples/ProstateSlice"), classes=["prostate"],
+                     eval_unit="volume", postprocess="largest_component",
+                     module=prostate_lib),
+    "faz": dict(builder=faz_lib.LcfedFaz, roots=("faz",), classes=["faz"],
+                eval_unit="image", postprocess="none", module=faz_lib),
+}
+
+# Data keys, their defaults and meaning (added by `add_data_defaults`).
+DATA_DEFAULTS = {
+    "root": None,                    # raw folder of the task; None: derived from data_dir
+    "tfds_dir": None,                # None: $LCFED_TFDS_DIR or ~/.cache/lcfed_jax/tfds
+    "layout": "auto",                # polyp: pranet | per_site; prostate: nifti | slices
+    "polyp_site2": "etis",           # 'etis' (correct) | 'colondb_as_released' (leaky, as code)
+    "prostate_mask": "auto",         # 'auto' | 'foreground_255' | 'inverted' (slice PNGs only)
+    "prostate_norm": "range",        # 'range' (x-vmin)/(vmax-vmin) | 'vmax_as_released'
+    "foreground_slices_only": True,  # prostate: keep only slices with foreground
+    "num_sites": 0,                  # 0: all sites; N: the first N in the task's site order
+}
+
+
+def add_data_defaults(config):
+  """Add the real-data keys (with defaults) to an ml_collections ConfigDict, in place.
+
+  Keys already present are left alone. Adds `config.data_dir` (default
+  $LCFED_DATA_DIR if set, else an unset str placeholder), `config.image_size` (384) and,
+  under `config.data`: task ('polyp'), root, tfds_dir (str placeholders: None means
+  "derived", see the module docstring), layout, polyp_site2, prostate_mask,
+  prostate_norm, foreground_slices_only, num_sites. Returns the config.
+  """
+  from ml_collections import config_dict
+  with config.unlocked() if hasattr(config, "unlocked") else _null():
+    if "data_dir" not in config:
+      env = os.environ.get("LCFED_DATA_DIR")
+      config.data_dir = env if env else config_dict.placeholder(str)
+    if "image_size" not in config:
+      config.image_size = 384
+    if "data" not in config:
+      config.data = config_dict.ConfigDict()
+    data = config.data
+    if "task" not in data:
+      data.task = "polyp"
+    for key, value in DATA_DEFAULTS.items():
+      if key not in data:
+        setattr(data, key, config_dict.placeholder(str) if value is None else value)
+  return config
+
+
+class _null:
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *a):
+    return False
+
+
+def _get(cfg, key, default=None):
+  if cfg is None:
+    return default
+  try:
+    v = cfg.get(key, default)
+  except AttributeError:
+    v = getattr(cfg, key, default)
+  return default if v is None else v
+
+
+def resolve_paths(config) -> Dict[str, str]:
+  """{'root': raw folder, 'tfds_dir': prepared-data folder} for config.data.task."""
+  data = _get(config, "data")
+  task = _get(data, "task")
+  if task not in TASKS:
+    raise DataError(f"config.data.task='{task}' is not a real task; use one of {TASKS}.")
+  tfds_dir = (_get(data, "tfds_dir") or os.environ.get("LCFED_TFDS_DIR")
+              or os.path.join("~", ".cache", "lcfed_jax", "tfds"))
+  tfds_dir = os.path.abspath(os.path.expanduser(tfds_dir))
+  root = _get(data, "root")
+  if not root:
+    data_dir = _get(config, "data_dir") or os.environ.get("LCFED_DATA_DIR")
+    if not data_dir:
+      raise DataError(
+          f"No data directory for task '{task}': set config.data_dir (or the environment "
+          f"variable LCFED_DATA_DIR) to the folder holding '{task}/', or config.data.root to "
+          f"the task's folder.\n\nHow to get the data:\n"
+          f"{TASK_INFO[task]['module'].MANUAL_DOWNLOAD_INSTRUCTIONS}")
+    data_dir = os.path.expanduser(data_dir)
+    candidates = [os.path.join(data_dir, r) for r in TASK_INFO[task]["roots"]]
+    root = next((c for c in candidates if os.path.isdir(c)), candidates[0])
+  root = os.path.abspath(os.path.expanduser(root))
+  if os.path.abspath(tfds_dir).startswith(root + os.sep) or tfds_dir == root:
+    raise DataError(f"config.data.tfds_dir={tfds_dir} is inside the raw data folder {root}, "
+                    "which is only read; choose another folder.")
+  return {"root": root, "tfds_dir": tfds_dir}
+
+
+def site_configs(config) -> List[common.SiteConfig]:
+  """The per-site build configs (site, size, root, resolved layout, options) of the task."""
+  data = _get(config, "data")
+  task = _get(data, "task")
+  paths = resolve_paths(config)
+  root = Path(paths["root"])
+  size = int(_get(config, "image_size", 384))
+  if size < 8:
+    raise DataError(f"config.image_size={size} is too small (minimum 8).")
+  layout = _get(data, "layout", "auto")
+  mod = TASK_INFO[task]["module"]
+  if task == "polyp":
+    layout = polyp_lib.detect_layout(root, layout)
+    site2 = _get(data, "polyp_site2", "etis")
+    sites = polyp_lib.site_names(root, layout, site2)
+    opts = lambda s: {"polyp_site2": site2} if s == "etis" else {}
+  elif task == "prostate":
+    layout = prostate_lib.detect_layout(root, layout)
+    sites = prostate_lib.site_names(root, layout)
+    o = {"foreground_slices_only": bool(_get(data, "foreground_slices_only", True))}
+    if layout == "slices":
+      o["prostate_mask"] = _get(data, "prostate_mask", "auto")
+    else:
+      o["prostate_norm"] = _get(data, "prostate_norm", "range")
+    opts = lambda s: dict(o)
+  else:
+    if layout not in ("auto", task):
+      raise DataError(f"config.data.layout='{layout}' does not apply to {task}; use 'auto'.")
+    layout = task
+    sites = [name for name, _ in mod.site_dirs(root)]
+    opts = lambda s: {}
+  if not sites:
+    raise common.missing_root_error(root, task, mod.LAYOUT_TEXT, mod.MANUAL_DOWNLOAD_INSTRUCTIONS)
+  num_sites = int(_get(data, "num_sites", 0) or 0)
+  if num_sites < 0 or num_sites > len(sites):
+    raise DataError(f"config.data.num_sites={num_sites} but {root} has {len(sites)} sites "
+                    f"{sites}; use 0 (all) or 1..{len(sites)}.")
+  if num_sites:
+    sites = sites[:num_sites]
+  return [common.SiteConfig(site=s, image_size=size, root=str(root), layout=layout,
+                            options=opts(s)) for s in sites]
+
+
+def load_real_task(config) -> FederatedData:
+  """Build (first use) and read every site of config.data.task; returns uint8 arrays."""
+  task = _get(_get(config, "data"), "task")
+  paths = resolve_paths(config)
+  cfgs = site_configs(config)
+  spec = TASK_INFO[task]
+  builder_cls = spec["builder"]
+  t_all = time.time()
+  train, test, counts, build_s, conventions = [], [], {}, {}, {}
+  for sc in cfgs:
+    builder, seconds = common.build_site(builder_cls, sc, paths["tfds_dir"])
+    build_s[sc.site] = None if seconds is None else round(seconds, 3)
+    if seconds is not None:
+      log.info("%s/%s: built at %dpx in %.1f s -> %s", task, sc.site, sc.image_size,
+               seconds, builder.data_dir)
+    splits = []
+    for split in ("train", "test"):
+      d = common.read_split(builder, split)
+      per_volume = task == "prostate"
+      splits.append(SiteSplit(images=d["images"], masks=d["masks"], names=d["names"],
+                              volume_ids=d["volume_ids"] if per_volume else None,
+                              slice_index=d["slice_index"] if per_volume else None))
+    train.append(splits[0])
+    test.append(splits[1])
+    counts[sc.site] = {"train": len(splits[0]), "test": len(splits[1])}
+    conv = builder.info.metadata.get("mask_convention") if builder.info.metadata else None
+    if conv:
+      conventions[sc.site] = conv
+  in_ch = builder_cls.IN_CHANNELS
+  info = {
+      "source": "tfds",
+      "root": paths["root"],
+      "tfds_dir": paths["tfds_dir"],
+      "layout": cfgs[0].layout,
+      "image_size": cfgs[0].image_size,
+      "site_counts": counts,
+      "build_seconds": build_s,
+      "build_seconds_total": round(sum(v for v in build_s.values() if v), 3),
+      "load_seconds_total": round(time.time() - t_all, 3),
+      "config_names": {sc.site: sc.config_name() for sc in cfgs},
+      "options": {sc.site: sc.options for sc in cfgs},
+  }
+  if conventions:
+    info["mask_convention"] = conventions
+  log.info("%s: sites %s, counts %s, build %.1f s, total %.1f s", task,
+           [sc.site for sc in cfgs], counts, info["build_seconds_total"],
+           info["load_seconds_total"])
+  return FederatedData(task=task, site_names=[sc.site for sc in cfgs], train=train,
+                       test=test, in_channels=in_ch, num_classes=len(spec["classes"]),
+                       class_names=list(spec["classes"]), eval_unit=spec["eval_unit"],
+                       postprocess=spec["postprocess"], info=info)

@@ -1,0 +1,71 @@
+"""Building blocks shared by the U-Net, PCS and HC: the site convolution and the norms."""
+from __future__ import annotations
+
+import math
+from typing import Any, Tuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from lcfed_jax.conv import site_conv
+
+# PyTorch's kaiming_normal_(mode='fan_out', nonlinearity='relu'): an untruncated normal.
+kaiming_fan_out = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+
+
+def torch_default_uniform(fan_in: int):
+  """PyTorch's default init for biases (and for weights left to `reset_parameters`)."""
+  bound = 1.0 / math.sqrt(fan_in)
+  return lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype, -bound, bound)
+
+
+class SiteConv(nn.Module):
+  """Stride-1 'same' conv whose kernel may be per site (see `lcfed_jax.conv`)."""
+  features: int
+  kernel_size: Tuple[int, int] = (3, 3)
+  use_bias: bool = True
+  impl: str = "unroll"
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    kh, kw = self.kernel_size
+    cin = x.shape[-1]
+    kernel = self.param("kernel", kaiming_fan_out, (kh, kw, cin, self.features))
+    y = site_conv(x.astype(self.dtype), kernel.astype(self.dtype), self.impl)
+    if self.use_bias:
+      bias = self.param("bias", torch_default_uniform(cin * kh * kw), (self.features,))
+      y = y + bias.astype(self.dtype)
+    return y
+
+
+class InstanceNorm(nn.Module):
+  """PyTorch InstanceNorm2d defaults: no affine, no running stats, eps 1e-5, biased var."""
+  epsilon: float = 1e-5
+
+  @nn.compact
+  def __call__(self, x):
+    x32 = x.astype(jnp.float32)
+    mean = jnp.mean(x32, axis=(-3, -2), keepdims=True)
+    var = jnp.mean(jnp.square(x32 - mean), axis=(-3, -2), keepdims=True)
+    return ((x32 - mean) * jax.lax.rsqrt(var + self.epsilon)).astype(x.dtype)
+
+
+class Norm(nn.Module):
+  """`in` (instance, no affine), `bn` (batch norm, FedBN) or `gn` (GroupNorm(1, C))."""
+  kind: str = "in"
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    if self.kind == "in":
+      return InstanceNorm()(x)
+    if self.kind == "bn":
+      # PyTorch momentum 0.1 == flax momentum 0.9. Statistics live in 'batch_stats' and,
+      # under the site vmap, are per site.
+      return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
+                          dtype=jnp.float32)(x.astype(jnp.float32)).astype(x.dtype)
+    if self.kind == "gn":
+      return nn.GroupNorm(num_groups=1, epsilon=1e-5, dtype=jnp.float32)(
+          x.astype(jnp.float32)).astype(x.dtype)
+    raise ValueError(f"norm {self.kind!r}; expected 'in', 'bn' or 'gn'")

@@ -1,0 +1,86 @@
+"""The server step: pure functions from site-stacked trees to site-stacked trees.
+
+`aggregate` replaces every shared leaf by the weighted mean over sites (broadcast back
+to every site) and leaves personal leaves alone. `fourier_aggregate` is PRR-FL's
+progressive Fourier aggregation of conv kernels (spec section 9).
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def weighted_mean(x, weights):
+  """Mean over the leading site axis with weights summing to 1 (zeros: padding sites)."""
+  w = weights.reshape((-1,) + (1,) * (x.ndim - 1)).astype(jnp.float32)
+  return jnp.sum(x.astype(jnp.float32) * w, axis=0).astype(x.dtype)
+
+
+def aggregate(tree, shared_mask, weights):
+  def leaf(x, shared):
+    if not shared:
+      return x
+    return jnp.broadcast_to(weighted_mean(x, weights)[None], x.shape)
+  return jax.tree.map(leaf, tree, shared_mask)
+
+
+def prrfl_fraction(round_index, l0=0.7, slope=0.25, period=200.0, cap=0.95):
+  """L(r) = min(l0 + slope * r / period, cap): the low-frequency window's fraction."""
+  return jnp.minimum(l0 + slope * jnp.asarray(round_index, jnp.float32) / period, cap)
+
+
+def kernel_matrix(w):
+  """[kh,kw,Ci,Co] -> (Ci*kh, kw*Co): the layout PyTorch's (Co,Ci,kh,kw) kernel gets when
+  permuted to (Ci,kh,kw,Co) and viewed as a matrix (official PFA helper)."""
+  kh, kw, ci, co = w.shape
+  return jnp.transpose(w, (2, 0, 1, 3)).reshape(ci * kh, kw * co)
+
+
+def matrix_kernel(m, shape):
+  kh, kw, ci, co = shape
+  return jnp.transpose(m.reshape(ci, kh, kw, co), (1, 2, 0, 3))
+
+
+def centred_window(n, fraction):
+  """Bool [n]: the centred window of floor(fraction * n) bins of an fftshift-ed axis."""
+  size = jnp.floor(fraction * n + 1e-6).astype(jnp.int32)
+  start = (n - size) // 2
+  idx = jnp.arange(n)
+  return (idx >= start) & (idx < start + size)
+
+
+def fourier_mix(mats, weights, fraction, divisor):
+  """mats [K,a,b] real. Inside the centred low-frequency window every site gets the
+  sites' mean amplitude (sum of amplitudes / divisor); each keeps its own phase and its
+  own amplitude outside the window."""
+  spec = jnp.fft.fftshift(jnp.fft.fft2(mats.astype(jnp.float32)), axes=(-2, -1))
+  amp, pha = jnp.abs(spec), jnp.angle(spec)
+  w = weights.reshape(-1, 1, 1)
+  mean_amp = jnp.sum(amp * w, axis=0) / divisor
+  win = centred_window(mats.shape[1], fraction)[:, None] & centred_window(mats.shape[2], fraction)[None, :]
+  amp = jnp.where(win[None], mean_amp[None], amp)
+  mixed = jnp.fft.ifft2(jnp.fft.ifftshift(amp * jnp.exp(1j * pha), axes=(-2, -1)))
+  return jnp.real(mixed).astype(mats.dtype)
+
+
+def fourier_aggregate(tree, shared_mask, weights, fraction, official_divisor=False):
+  """PRR-FL: shared conv kernels get `fourier_mix`, other shared leaves the mean.
+
+  `weights` are the per-site weights (1 for real sites, 0 for padding); the mean
+  amplitude divides by the number of real sites, or by 4 with `official_divisor`
+  (the released helper's hard-coded client count, spec E4).
+  """
+  real = (weights > 0).astype(jnp.float32)
+  divisor = 4.0 if official_divisor else jnp.sum(real)
+  mean_w = weights / jnp.sum(weights)
+
+  def leaf(x, shared):
+    if not shared:
+      return x
+    if x.ndim == 5:   # site-stacked conv kernel
+      mats = jax.vmap(kernel_matrix)(x)
+      mixed = fourier_mix(mats, real, fraction, divisor)
+      out = jax.vmap(lambda m: matrix_kernel(m, x.shape[1:]))(mixed)
+      return jnp.where(real.reshape((-1,) + (1,) * 4) > 0, out, x)
+    return jnp.broadcast_to(weighted_mean(x, mean_w)[None], x.shape)
+  return jax.tree.map(leaf, tree, shared_mask)

@@ -10,6 +10,17 @@ import ml_collections
 
 TASKS = ("synthetic", "polyp", "fundus", "prostate", "faz")
 
+# Real-data keys (lcfed_jax.data.real reads them); None means "derived" (see that module).
+REAL_DATA_DEFAULTS = {
+    "root": None,                    # raw folder of the task; None: derived from data_dir
+    "tfds_dir": None,                # None: $LCFED_TFDS_DIR or ~/.cache/lcfed_jax/tfds
+    "layout": "auto",                # polyp: pranet | per_site; prostate: nifti | slices
+    "polyp_site2": "etis",           # 'etis' (correct) | 'colondb_as_released' (leaky, as code)
+    "prostate_mask": "auto",         # 'auto' | 'foreground_255' | 'inverted' (slice PNGs only)
+    "prostate_norm": "range",        # 'range' (x-vmin)/(vmax-vmin) | 'vmax_as_released'
+    "foreground_slices_only": True,  # prostate: keep only slices with foreground
+}
+
 
 def base_config(task: str, method: str = "lcfed") -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
@@ -33,6 +44,11 @@ def base_config(task: str, method: str = "lcfed") -> ml_collections.ConfigDict:
   c.model.norm = "in"            # 'in' | 'bn' | 'gn'
   c.model.conv_impl = "auto"     # 'auto' | 'unroll' | 'im2col' | 'grouped' (lcfed_jax.conv)
   c.model.dtype = "auto"         # 'auto' (fp32 on CPU, bf16 compute on GPU/TPU) | 'float32' | 'bfloat16'
+
+  c.adam = ml_collections.ConfigDict()   # PyTorch's Adam defaults
+  c.adam.b1 = 0.9
+  c.adam.b2 = 0.999
+  c.adam.eps = 1e-8
 
   c.federated = ml_collections.ConfigDict()
   c.federated.weighting = "uniform"   # 'uniform' (official, 1/K) | 'size' (train-set size)
@@ -65,6 +81,21 @@ def base_config(task: str, method: str = "lcfed") -> ml_collections.ConfigDict:
   c.prrfl.cap = 0.95
   c.prrfl.official_divisor = False   # True: divide the amplitude sum by 4 (released bug)
 
+  if task != "synthetic":
+    for key, value in REAL_DATA_DEFAULTS.items():
+      c.data[key] = ml_collections.config_dict.placeholder(str) if value is None else value
+
   c.eval = ml_collections.ConfigDict()
   c.eval.batch_size = 8
+  c.eval.empty_policy = "strict"   # lcfed_jax.metrics: 'strict' | 'strict_nan' | 'official_baseline'
+  c.eval.sort_slices = True        # prostate volumes: stack slices in index order (False: as released)
+  c.eval.lcc_official = False      # True: an empty prediction becomes a full mask (released helper)
+  c.eval.selection = "val"         # lcfed_jax.selection: 'val' (carved from train) | 'test' (paper) | 'last'
+  c.eval.val_fraction = 0.1        # 'val': share of each site's training examples (volumes), at least 1
+  c.eval.checkpoint = "best"       # --mode eval restores 'best' (the selected model) | 'latest'
+  c.eval.plots = True              # iou_curves.png and results_overlays.png in the workdir
+  c.eval.overlay_examples = 2      # test examples per site in the overlay figure
+
+  c.checkpoint = ml_collections.ConfigDict()
+  c.checkpoint.keep = 2            # newest checkpoints kept, besides those holding a selected round
   return c

@@ -45,7 +45,8 @@ def validate(config) -> None:
            "'skip' or 'zero_grad'")
   lc = config.lcfed
   _require(isinstance(lc.alpha, (int, float)) and lc.alpha >= 0, "lcfed.alpha", lc.alpha, "a number >= 0")
-  _require(isinstance(lc.head_iters, int) and 0 <= lc.head_iters < config.local_steps,
+  _require(isinstance(lc.head_iters, int) and lc.head_iters >= 0 and
+           (lc.head_iters < config.local_steps or config.method not in ("fedrep", "lcfed")),
            "lcfed.head_iters", lc.head_iters, f"an integer in [0, local_steps={config.local_steps})")
   _require(lc.pcs_n in (1, 2, 3, 4, 5), "lcfed.pcs_n", lc.pcs_n, "1..5")
   _require(lc.pcs_pool in ("avg+max", "avg"), "lcfed.pcs_pool", lc.pcs_pool, "'avg+max' or 'avg'")

@@ -133,6 +133,7 @@ def make_round_fn(model: SegModel, stage: Stage, masks: Masks, config, num_sites
   batch_size = int(config.batch_size)
   lr = float(stage.learning_rate if stage.learning_rate is not None else config.learning_rate)
   frozen = config.federated.frozen_adam
+  adam = config.adam
   fixed_stream = bool(config.federated.fixed_stream)
   bounds, table = _phase_table(stage, masks, local_steps)
   needs_heads = model.hc and (stage.loss == "hc" or stage.hc_joint)
@@ -159,7 +160,8 @@ def make_round_fn(model: SegModel, stage: Stage, masks: Masks, config, num_sites
         params, model_state, x, y, site, heads)
     phase = jnp.sum(step >= bounds) if len(bounds) else 0
     trainable = jax.tree.map(lambda t: jnp.asarray(t)[phase], table)
-    params, opt_state = adam_update(grads, opt_state, params, trainable, lr, frozen=frozen)
+    params, opt_state = adam_update(grads, opt_state, params, trainable, lr, frozen=frozen,
+                                   b1=adam.b1, b2=adam.b2, eps=adam.eps)
     return params, new_state, opt_state, loss
 
   mapped_step = jax.vmap(site_step, in_axes=(0, 0, 0, 0, 0, None, 0, 0, 0, None))

@@ -1,18 +1,33 @@
-"""`train_and_evaluate(config, workdir)`: the whole experiment, stage after stage."""
+"""`train_and_evaluate(config, workdir)`: the whole experiment, stage after stage;
+`evaluate_checkpoint(config, workdir)`: `--mode eval`.
+
+Training resumes: if WORKDIR/checkpoints holds a round, the state, the model selected
+so far and the schedule position are restored from it, metrics.jsonl is cut back to
+that round, and the loop goes on from `state.round`; the round keys fold in the round,
+so the run ends exactly as an uninterrupted one. Checkpoints (`lcfed_jax.checkpoints`)
+are saved every `checkpoint_every` rounds, at the end of every stage and at every round
+that changes the selected model (`lcfed_jax.selection`). At the end the selected model
+is evaluated on every site's test split into results.md/csv/json
+(`lcfed_jax.report`) and the plots (`lcfed_jax.plots`) are drawn.
+"""
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 from pathlib import Path
-from typing import Dict, List
+import json
+from typing import Dict, List, Tuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lcfed_jax import engine, evaluate as evaluation, io_utils
+import ml_collections
+
+from lcfed_jax import checkpoints as ckpt_lib, engine, evaluate as evaluation, io_utils
+from lcfed_jax import plots, report, selection
 from lcfed_jax.config_validation import validate
+from lcfed_jax.errors import ConfigError
 from lcfed_jax.data.device import stack_splits
 from lcfed_jax.data.tasks import load_task
 from lcfed_jax.methods import Method, Stage, get_method
@@ -44,9 +59,10 @@ class Schedule:
     return last
 
 
-def site_weights(config, data) -> np.ndarray:
+def site_weights(config, data, splits=None) -> np.ndarray:
+  """Server weights: uniform, or by each site's training-set size (`splits`, default data.train)."""
   if config.federated.weighting == "size":
-    n = np.array([len(s) for s in data.train], np.float32)
+    n = np.array([len(s) for s in (splits or data.train)], np.float32)
     return n / n.sum()
   return np.full((data.num_sites,), 1.0 / data.num_sites, np.float32)
 
@@ -56,61 +72,236 @@ def _fmt_eta(seconds: float) -> str:
   return f"{seconds // 3600:d}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
+def validate_eval(config) -> None:
+  """The keys this module adds (config.eval.selection/val_fraction/checkpoint, config.checkpoint)."""
+  selection.policy(config)
+  if config.eval.get("checkpoint", "best") not in ("best", "latest"):
+    raise ConfigError(f"config.eval.checkpoint={config.eval.checkpoint!r}: expected 'best' or 'latest'")
+  keep = config.get("checkpoint", {}).get("keep", 2)
+  if not isinstance(keep, int) or isinstance(keep, bool) or keep < 1:
+    raise ConfigError(f"config.checkpoint.keep={keep!r}: expected a positive integer")
+
+
+class _Setup:
+  """What training and evaluation both build from a config: data, method, model, predictors."""
+
+  def __init__(self, config, log=print):
+    t0 = time.time()
+    self.config = config
+    self.data = data = load_task(config)
+    log(f"data: task={data.task} sites={data.site_names} "
+        f"train={[len(s) for s in data.train]} test={[len(s) for s in data.test]} "
+        f"({time.time() - t0:.1f}s)")
+    self.method: Method = get_method(config)
+    self.schedule = Schedule(list(self.method.stages))
+    self.k = data.num_sites
+    self.model = engine.build_model(config, self.method, self.k, data.in_channels, data.num_classes)
+    self.image_shape = data.train[0].images.shape[1:]
+    self.eval_batch = int(config.eval.batch_size)
+    self.test_arrays = stack_splits(data.test, pad_multiple=self.eval_batch)
+    self._predictors = {}
+
+  def predictor(self, output: str):
+    if output not in self._predictors:
+      self._predictors[output] = engine.make_predict_fn(self.model, output, self.eval_batch, self.k)
+    return self._predictors[output]
+
+  def meta(self, config, selection_policy: str) -> Dict:
+    return {"config": config.to_dict(), "site_names": list(self.data.site_names),
+            "method": self.method.name, "task": self.data.task, "selection_policy": selection_policy,
+            "schedule": ckpt_lib.schedule_json(self.schedule)}
+
+  def evaluate_selected(self, tree, site_outputs, config) -> Tuple[Dict, Dict]:
+    """(scores on every site's test split, raw predictions) of a {'params','model_state'} tree."""
+    out = selection.predict_selected(self.predictor, tree, site_outputs, self.test_arrays.images)
+    scores = evaluation.score_predictions(out["pred"], self.data.test, self.data, config)
+    scores.pop("_per_unit")
+    return scores, out
+
+  def write_outputs(self, workdir, result: Dict, out: Dict, site_outputs, stem: str, log) -> None:
+    paths = report.write(workdir, result, stem)
+    if config_plots(self.config):
+      hc = any(o == "hc" for o in site_outputs)
+      plots.overlays(np.asarray(self.test_arrays.images), np.asarray(self.test_arrays.masks), out["pred"],
+                     self.data.site_names, Path(workdir) / f"{stem}_overlays.png",
+                     peaks=out["peaks"] if hc else None,
+                     per_site=int(self.config.eval.get("overlay_examples", 2)),
+                     counts=[len(s) for s in self.data.test])
+    log(report.to_markdown(result))
+    log(f"wrote {', '.join(str(p) for p in paths.values())}")
+
+
+def config_plots(config) -> bool:
+  return bool(config.eval.get("plots", True))
+
+
+def _result(setup: _Setup, scores: Dict, tracker_json: Dict, policy: str, checkpoint: str) -> Dict:
+  return {"method": setup.method.name, "task": setup.data.task, "selection": policy,
+          "checkpoint": checkpoint, "site_rounds": tracker_json["site_rounds"],
+          "site_outputs": tracker_json["site_outputs"], "sites": scores["sites"],
+          "mean": scores["mean"], "std": scores["std"]}
+
+
+def _cut_metrics(path: Path, last_round: int) -> List[Dict]:
+  """Keeps the records of rounds <= last_round (a resume replays the rest)."""
+  records = io_utils.read_jsonl(path)
+  kept = [r for r in records if int(r["round"]) <= last_round]
+  if len(kept) != len(records) or not path.exists():
+    io_utils.atomic_write_text(path, "".join(
+        json.dumps(r, sort_keys=True, default=io_utils._jsonable) + "\n" for r in kept))
+  return kept
+
+
 def train_and_evaluate(config, workdir: str, log=print) -> Dict:
   validate(config)
+  validate_eval(config)
   workdir = Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   io_utils.atomic_write_json(workdir / "config.json", config.to_dict())
 
-  t0 = time.time()
-  data = load_task(config)
-  log(f"data: task={data.task} sites={data.site_names} "
-      f"train={[len(s) for s in data.train]} test={[len(s) for s in data.test]} "
-      f"({time.time() - t0:.1f}s)")
+  setup = _Setup(config, log)
+  data, schedule, k = setup.data, setup.schedule, setup.k
+  policy = selection.policy(config)
+  train_splits, val_splits = data.train, None
+  if policy == "val":
+    train_splits, val_splits = selection.carve_validation(data.train, float(config.eval.val_fraction),
+                                                          int(config.seed))
+    log(f"selection: validation split of {[len(v) for v in val_splits]} examples carved from training "
+        f"(train now {[len(t) for t in train_splits]})")
+  else:
+    log(f"selection: {policy}")
   trivial = evaluation.trivial_baselines(data)
   log(f"reference: all-foreground mean IoU {trivial['all_foreground']:.4f}, "
       f"all-background mean IoU {trivial['all_background']:.4f}")
 
-  method: Method = get_method(config)
-  schedule = Schedule(list(method.stages))
-  k = data.num_sites
-  model = engine.build_model(config, method, k, data.in_channels, data.num_classes)
-  image_shape = data.train[0].images.shape[1:]
-  state = engine.init_state(model, int(config.seed), k, image_shape, config.federated.same_init)
+  method, model = setup.method, setup.model
+  state = engine.init_state(model, int(config.seed), k, setup.image_shape, config.federated.same_init)
   masks = engine.Masks.build(state, method)
-  weights = jnp.asarray(site_weights(config, data))
-  train_arrays = stack_splits(data.train)
-  test_arrays = stack_splits(data.test, pad_multiple=int(config.eval.batch_size))
+  weights = jnp.asarray(site_weights(config, data, train_splits))
+  train_arrays = stack_splits(train_splits)
+  val_arrays = stack_splits(val_splits, pad_multiple=setup.eval_batch) if val_splits else None
   log(f"method={method.name} backend={jax.default_backend()} conv={model.impl} "
       f"dtype={jnp.dtype(model.dtype).name} stages={[(s.name, s.rounds) for s in schedule.stages]}")
 
-  metrics_path = workdir / "metrics.jsonl"
-  history = []
-  predictors = {}
+  ckpts = ckpt_lib.Checkpoints(workdir, int(config.checkpoint.keep))
+  tracker = selection.Tracker(policy, data.site_names)
+  meta = setup.meta(config, policy)
+  latest = ckpts.latest_step()
+  if latest is not None:
+    saved = ckpts.read_meta(latest)
+    ckpt_lib.check_resumable(saved, method.name, data.site_names, schedule)
+    restored = ckpts.restore(latest, ckpt_lib.abstract_like(state), items=("state", "selected"))
+    state = restored["state"]
+    if saved["has_selection"]:
+      tracker.load_json(saved["selection"], restored["selected"])
+    log(f"resumed from {ckpts.dir / str(latest)} (round {int(state.round)}/{schedule.total})")
   start_round = int(state.round)
+  metrics_path = workdir / "metrics.jsonl"
+  history = _cut_metrics(metrics_path, start_round)
+
+  def save(done: int, improved: bool = False):
+    tree = tracker.tree if tracker.has_selection else selection.model_tree(state)
+    ckpts.save(done, state, tree, dict(meta, has_selection=tracker.has_selection,
+                                       selection=tracker.to_json()),
+               protect=tracker.selected_steps() | ({done} if improved else set()))
+
   t_start, rounds_run = time.time(), 0
   for stage, a, b in schedule.spans():
     if b <= start_round or stage.rounds == 0:
       continue
     round_fn = engine.make_round_fn(model, stage, masks, config, k)
-    if stage.output not in predictors:
-      predictors[stage.output] = engine.make_predict_fn(model, stage.output, int(config.eval.batch_size), k)
+    predict = setup.predictor(stage.output)
     for r in range(max(a, start_round), b):
       t_round = time.time()
       state, losses = round_fn(state, train_arrays, weights)
       losses = np.asarray(losses)
       rounds_run += 1
       done = r + 1
-      elapsed = time.time() - t_start
-      rps = rounds_run / elapsed
+      rps = rounds_run / (time.time() - t_start)
       log(f"round {done}/{schedule.total} [{stage.name}] loss " +
           " ".join(f"{x:.4f}" for x in losses) +
           f" | {1.0 / max(time.time() - t_round, 1e-9):.2f} rounds/s, "
           f"ETA {_fmt_eta((schedule.total - done) / max(rps, 1e-9))}")
+      improved = False
       if done % int(config.eval_every) == 0 or done == b:
-        result = evaluation.evaluate(predictors[stage.output], state, test_arrays, data, config)
+        result = evaluation.evaluate(predict, state, setup.test_arrays, data.test, data, config)
         record = {"round": done, "stage": stage.name, "loss": losses.tolist(), **result}
+        on = result
+        if val_arrays is not None:
+          record["val"] = evaluation.evaluate(predict, state, val_arrays, val_splits, data, config)
+          on = record["val"]
+        improved = tracker.update(state, done, [on["sites"][s]["iou"] for s in data.site_names],
+                                  stage.output, stage.per_site_selection)
+        record["selection"] = tracker.to_json()
         io_utils.append_jsonl(metrics_path, record)
         history.append(record)
-        log(evaluation.format_line(record, data.site_names))
-  return {"history": history, "state": state, "data": data}
+        log(evaluation.format_line(record, data.site_names) +
+            (f" | val mean IoU {record['val']['mean']['iou']:.4f}" if val_arrays is not None else "") +
+            (" | selected" if improved else ""))
+      if done % int(config.checkpoint_every) == 0 or done == b or (improved and policy != "last"):
+        save(done, improved)
+  ckpts.close()
+
+  if not tracker.has_selection:     # nothing was evaluated (a schedule of zero rounds)
+    tracker.update(state, int(state.round), np.zeros(k), schedule.stage_at(int(state.round)).output, False)
+  sel = tracker.to_json()
+  scores, out = setup.evaluate_selected(tracker.tree, tracker.outputs, config)
+  final = _result(setup, scores, sel, policy, "best")
+  log(f"selected ({policy}): " + report.selected_rounds_text(final))
+  setup.write_outputs(workdir, final, out, tracker.outputs, "results", log)
+  if config_plots(config) and history:
+    plots.iou_curves(history, data.site_names, workdir / "iou_curves.png", sel["site_rounds"],
+                     title=f"{method.name}: test IoU per site (selection: {policy})")
+  return {"history": history, "state": state, "data": data, "selected": tracker.tree, "result": final}
+
+
+def _eval_config(config, saved: Dict):
+  """The checkpoint's own config (model, method, schedule, data), with the eval settings
+  and data location of the config given now."""
+  c = ml_collections.ConfigDict(saved["config"])
+  c.eval = config.eval
+  c.data_dir = config.data_dir
+  if "root" in config.data:
+    c.data.root = config.data.root
+  return c
+
+
+def evaluate_checkpoint(config, workdir: str, log=print) -> Dict:
+  """`--mode eval`: restores the best (or latest, `config.eval.checkpoint`) model onto the
+  devices present and evaluates every site on its test split."""
+  validate_eval(config)
+  which = config.eval.get("checkpoint", "best")
+  ckpts = ckpt_lib.Checkpoints(workdir, read_only=True)
+  step = ckpts.latest_step()
+  saved = ckpts.read_meta(step)
+  config = _eval_config(config, saved)
+  setup = _Setup(config, log)
+  if list(setup.data.site_names) != list(saved["site_names"]):
+    raise ConfigError(f"checkpoint sites {saved['site_names']} != data sites {setup.data.site_names}")
+  abstract = ckpt_lib.abstract_state(setup.model, config, setup.k, setup.image_shape)
+  t0 = time.time()
+  if which == "best" and saved["has_selection"]:
+    tree = ckpts.restore(step, abstract, items=("selected",))["selected"]
+    sel = saved["selection"]
+  else:
+    state = ckpts.restore(step, abstract, items=("state",))["state"]
+    tree = selection.model_tree(state)
+    rounds = int(state.round)
+    output = setup.schedule.stage_at(rounds).output
+    sel = {"site_rounds": {s: rounds for s in setup.data.site_names},
+           "site_outputs": {s: output for s in setup.data.site_names}}
+    which = "latest"
+  ckpts.close()
+  log(f"restored {which} model from {ckpts.dir / str(step)} onto {jax.devices()[0]} "
+      f"({time.time() - t0:.1f}s)")
+  outputs = [sel["site_outputs"][s] for s in setup.data.site_names]
+  t0 = time.time()
+  scores, out = setup.evaluate_selected(tree, outputs, config)
+  n = sum(len(s) for s in setup.data.test)
+  log(f"evaluated {n} test images in {time.time() - t0:.1f}s")
+  result = _result(setup, scores, sel, saved["selection_policy"], which)
+  stem = "results" if which == "best" else "eval_latest"
+  setup.write_outputs(workdir, result, out, outputs, stem, log)
+  io_utils.atomic_write_json(Path(workdir) / f"eval_{which}.json",
+                             dict(result, checkpoint_step=step, devices=[str(d) for d in jax.devices()]))
+  return result

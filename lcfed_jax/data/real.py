@@ -55,16 +55,8 @@ TASK_INFO = {
 }
 
 # Data keys, their defaults and meaning (added by `add_data_defaults`).
-DATA_DEFAULTS = {
-    "root": None,                    # raw folder of the task; None: derived from data_dir
-    "tfds_dir": None,                # None: $LCFED_TFDS_DIR or ~/.cache/lcfed_jax/tfds
-    "layout": "auto",                # polyp: pranet | per_site; prostate: nifti | slices
-    "polyp_site2": "etis",           # 'etis' (correct) | 'colondb_as_released' (leaky, as code)
-    "prostate_mask": "auto",         # 'auto' | 'foreground_255' | 'inverted' (slice PNGs only)
-    "prostate_norm": "range",        # 'range' (x-vmin)/(vmax-vmin) | 'vmax_as_released'
-    "foreground_slices_only": True,  # prostate: keep only slices with foreground
-    "num_sites": 0,                  # 0: all sites; N: the first N in the task's site order
-}
+from lcfed_jax.config_defaults import REAL_DATA_DEFAULTS  # noqa: E402
+DATA_DEFAULTS = dict(REAL_DATA_DEFAULTS, num_sites=0)  # num_sites 0: all sites
 
 
 def add_data_defaults(config):

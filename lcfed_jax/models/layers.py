@@ -52,20 +52,21 @@ class InstanceNorm(nn.Module):
     return ((x32 - mean) * jax.lax.rsqrt(var + self.epsilon)).astype(x.dtype)
 
 
-class Norm(nn.Module):
-  """`in` (instance, no affine), `bn` (batch norm, FedBN) or `gn` (GroupNorm(1, C))."""
-  kind: str = "in"
+def norm(kind: str, x, train: bool, name: str):
+  """`in` (instance, no affine), `bn` (batch norm, FedBN) or `gn` (GroupNorm(1, C)).
 
-  @nn.compact
-  def __call__(self, x, train: bool):
-    if self.kind == "in":
-      return InstanceNorm()(x)
-    if self.kind == "bn":
-      # PyTorch momentum 0.1 == flax momentum 0.9. Statistics live in 'batch_stats' and,
-      # under the site vmap, are per site.
-      return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
-                          dtype=jnp.float32)(x.astype(jnp.float32)).astype(x.dtype)
-    if self.kind == "gn":
-      return nn.GroupNorm(num_groups=1, epsilon=1e-5, dtype=jnp.float32)(
-          x.astype(jnp.float32)).astype(x.dtype)
-    raise ValueError(f"norm {self.kind!r}; expected 'in', 'bn' or 'gn'")
+  Called inside a parent's compact method, so the norm's parameters sit at
+  `<parent>/<name>/{scale,bias}` and BN statistics at `batch_stats/<parent>/<name>/...`,
+  which is what FedBN's partition rule addresses.
+  """
+  if kind == "in":
+    return InstanceNorm(name=name)(x)
+  if kind == "bn":
+    # PyTorch momentum 0.1 == flax momentum 0.9. Under the site vmap the statistics are
+    # per site.
+    return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
+                        dtype=jnp.float32, name=name)(x.astype(jnp.float32)).astype(x.dtype)
+  if kind == "gn":
+    return nn.GroupNorm(num_groups=1, epsilon=1e-5, dtype=jnp.float32, name=name)(
+        x.astype(jnp.float32)).astype(x.dtype)
+  raise ValueError(f"norm {kind!r}; expected 'in', 'bn' or 'gn'")

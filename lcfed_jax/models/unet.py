@@ -14,7 +14,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from lcfed_jax.models.hc import HeadCalibration
-from lcfed_jax.models.layers import Norm, SiteConv
+from lcfed_jax.models.layers import SiteConv, norm
 from lcfed_jax.models.pcs import PCS
 
 
@@ -31,9 +31,9 @@ class ConvD(nn.Module):
     if not self.first:
       x = nn.max_pool(x, (2, 2), (2, 2))
     conv = lambda name: SiteConv(self.features, (3, 3), impl=self.impl, dtype=self.dtype, name=name)
-    x = Norm(self.norm, name="norm1")(conv("conv1")(x), train)
-    x = nn.relu(Norm(self.norm, name="norm2")(conv("conv2")(x), train))
-    return nn.relu(Norm(self.norm, name="norm3")(conv("conv3")(x), train))
+    x = norm(self.norm, conv("conv1")(x), train, "norm1")
+    x = nn.relu(norm(self.norm, conv("conv2")(x), train, "norm2"))
+    return nn.relu(norm(self.norm, conv("conv3")(x), train, "norm3"))
 
 
 class ConvU(nn.Module):
@@ -49,14 +49,14 @@ class ConvU(nn.Module):
     p = self.planes
     if not self.first:
       x = SiteConv(p, (3, 3), impl=self.impl, dtype=self.dtype, name="conv1")(x)
-      x = nn.relu(Norm(self.norm, name="norm1")(x, train))
+      x = nn.relu(norm(self.norm, x, train, "norm1"))
     b, h, w, c = x.shape
     y = jnp.broadcast_to(x[:, :, None, :, None, :], (b, h, 2, w, 2, c)).reshape(b, 2 * h, 2 * w, c)
     y = SiteConv(p // 2, (1, 1), impl=self.impl, dtype=self.dtype, name="conv2")(y)
-    y = nn.relu(Norm(self.norm, name="norm2")(y, train))
+    y = nn.relu(norm(self.norm, y, train, "norm2"))
     y = jnp.concatenate([skip.astype(y.dtype), y], axis=-1)
     y = SiteConv(p, (3, 3), impl=self.impl, dtype=self.dtype, name="conv3")(y)
-    return nn.relu(Norm(self.norm, name="norm3")(y, train))
+    return nn.relu(norm(self.norm, y, train, "norm3"))
 
 
 class SegModel(nn.Module):

@@ -118,13 +118,16 @@ class _Setup:
     scores.pop("_per_unit")
     return scores, out
 
-  def write_outputs(self, workdir, result: Dict, out: Dict, site_outputs, stem: str, log) -> None:
+  def write_outputs(self, workdir, result: Dict, tree, out: Dict, site_outputs, stem: str, log) -> None:
     paths = report.write(workdir, result, stem)
     if config_plots(self.config):
-      hc = any(o == "hc" for o in site_outputs)
+      peaks = None
+      if self.method.hc:   # the heads' disagreement peaks, whichever output was selected
+        peaks = (out if all(o == "hc" for o in site_outputs) else
+                 self.predictor("hc")(tree["params"], tree["model_state"], self.test_arrays.images))["peaks"]
       plots.overlays(np.asarray(self.test_arrays.images), np.asarray(self.test_arrays.masks), out["pred"],
                      self.data.site_names, Path(workdir) / f"{stem}_overlays.png",
-                     peaks=out["peaks"] if hc else None,
+                     peaks=None if peaks is None else np.asarray(peaks),
                      per_site=int(self.config.eval.get("overlay_examples", 2)),
                      counts=[len(s) for s in self.data.test])
     log(report.to_markdown(result))
@@ -248,7 +251,7 @@ def train_and_evaluate(config, workdir: str, log=print) -> Dict:
   scores, out = setup.evaluate_selected(tracker.tree, tracker.outputs, config)
   final = _result(setup, scores, sel, policy, "best")
   log(f"selected ({policy}): " + report.selected_rounds_text(final))
-  setup.write_outputs(workdir, final, out, tracker.outputs, "results", log)
+  setup.write_outputs(workdir, final, tracker.tree, out, tracker.outputs, "results", log)
   if config_plots(config) and history:
     plots.iou_curves(history, data.site_names, workdir / "iou_curves.png", sel["site_rounds"],
                      title=f"{method.name}: test IoU per site (selection: {policy})")
@@ -301,7 +304,7 @@ def evaluate_checkpoint(config, workdir: str, log=print) -> Dict:
   log(f"evaluated {n} test images in {time.time() - t0:.1f}s")
   result = _result(setup, scores, sel, saved["selection_policy"], which)
   stem = "results" if which == "best" else "eval_latest"
-  setup.write_outputs(workdir, result, out, outputs, stem, log)
+  setup.write_outputs(workdir, result, tree, out, outputs, stem, log)
   io_utils.atomic_write_json(Path(workdir) / f"eval_{which}.json",
                              dict(result, checkpoint_step=step, devices=[str(d) for d in jax.devices()]))
   return result

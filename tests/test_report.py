@@ -1,12 +1,15 @@
 """Reports: results.csv holds the metrics.jsonl numbers of the selected round(s); per-site
 selection; plots; the compare table; --mode eval of the latest checkpoint."""
 import csv
+import json
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from conftest import tiny_config
-from lcfed_jax import compare, io_utils, report, train
+from lcfed_jax import compare, io_utils, report, selection, train
 
 QUIET = lambda *a, **k: None
 
@@ -29,7 +32,6 @@ def ft_run(tmp_path_factory):
 def _check_csv_matches_metrics(wd):
   rows = report.read_csv(wd / "results.csv")
   recs = {r["round"]: r for r in io_utils.read_jsonl(wd / "metrics.jsonl")}
-  res = io_utils.read_jsonl(wd / "results.json") if False else None
   sites = [s for s in rows if s not in ("mean", "std")]
   assert sites and len(sites) == 4
   for s in sites:
@@ -117,3 +119,40 @@ def test_compare_rejects_mismatched_sites(lcfed_run, tmp_path):
   io_utils.atomic_write_json(wd / "results.json", res)
   assert compare.main([str(lcfed_run[0]), str(wd), "--out", str(tmp_path)]) == 2
   assert compare.main([str(tmp_path / "missing")]) == 2
+
+
+class _State:
+  def __init__(self, value):
+    self.params = {"w": jnp.full((3, 2), float(value))}    # 3 sites
+    self.model_state = {}
+
+
+def test_tracker_per_site_and_global():
+  t = selection.Tracker("val", ["a", "b", "c"])
+  assert t.update(_State(1), 1, [0.5, 0.5, 0.5], "probs", per_site=False)
+  assert not t.update(_State(2), 2, [0.9, 0.1, 0.4], "probs", per_site=False)   # mean 0.467 < 0.5
+  assert t.update(_State(3), 3, [0.4, 0.6, float("nan")], "hc", per_site=True)    # b only; NaN never wins
+  assert not t.update(_State(4), 4, [0.4, 0.6, 0.5], "hc", per_site=True)         # ties keep the earlier round
+  np.testing.assert_array_equal(np.asarray(t.tree["params"]["w"])[:, 0], [1, 3, 1])
+  assert t.rounds == [1, 3, 1] and t.outputs == ["probs", "hc", "probs"] and t.best_round is None
+  assert t.update(_State(5), 5, [0.7, 0.7, 0.7], "probs", per_site=False)         # 0.7 > mean(0.5,0.6,0.5)
+  assert t.rounds == [5, 5, 5] and t.best_round == 5
+  last = selection.Tracker("last", ["a", "b", "c"])
+  last.update(_State(1), 1, [0.9] * 3, "probs", False)
+  assert last.update(_State(2), 2, [0.1] * 3, "probs", False) and last.rounds == [2, 2, 2]
+  # The bookkeeping survives the JSON item of a checkpoint.
+  t2 = selection.Tracker("val", ["a", "b", "c"])
+  t2.load_json(json.loads(json.dumps(t.to_json())), t.tree)
+  assert t2.rounds == t.rounds and t2.scores == t.scores and t2.outputs == t.outputs
+
+
+def test_validation_split_is_carved_deterministically(lcfed_run):
+  data = lcfed_run[1]["data"]
+  tr, va = selection.carve_validation(data.train, 0.1, seed=0)
+  tr2, va2 = selection.carve_validation(data.train, 0.1, seed=0)
+  _, va3 = selection.carve_validation(data.train, 0.1, seed=1)
+  for k, full in enumerate(data.train):
+    assert len(va[k]) == max(1, round(0.1 * len(full))) and len(tr[k]) + len(va[k]) == len(full)
+    assert not set(tr[k].names) & set(va[k].names)                  # removed from training
+    assert va[k].names == va2[k].names
+  assert any(va[k].names != va3[k].names for k in range(len(va)))

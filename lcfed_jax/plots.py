@@ -84,7 +84,7 @@ def overlays(images: np.ndarray, gts: np.ndarray, preds: np.ndarray, site_names:
         if c == 2:
           ax.contour(gt > 0, levels=[0.5], colors="yellow", linewidths=0.8)
       elif panel is not None:
-        ax.imshow(np.ma.masked_equal(panel, 0), cmap="hot", alpha=0.8)
+        ax.imshow(np.ma.masked_equal(panel, 0), cmap="cool", vmin=0, vmax=1, alpha=0.9)
       ax.set_xticks([])
       ax.set_yticks([])
       if r == 0:

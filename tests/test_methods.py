@@ -1,0 +1,231 @@
+"""Each method's partition, phases and server step (issues: LC-Fed, baselines)."""
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import tiny_config
+from helpers import build, equal_across_sites, flat
+from lcfed_jax import server
+from lcfed_jax.methods import Phase
+from lcfed_jax.models.unet import SegModel
+from lcfed_jax.optim import adam_init, adam_update
+
+
+def _after_round(setup, stage_index=0, state=None):
+  state = state if state is not None else setup.fresh_state()
+  new, _ = setup.round_fn(stage_index)(state, setup.arrays, setup.weights)
+  return flat({"params": new.params, **new.model_state}), new
+
+
+@pytest.fixture(scope="module")
+def lcfed():
+  return build(tiny_config("lcfed"))
+
+
+def _group(path):
+  if "/head/" in path:
+    return "head"
+  if "/pcs_" in path:
+    return "pcs"
+  if "/hc/" in path:
+    return "hc"
+  return "body"
+
+
+def test_lcfed_round_shares_body_and_keeps_pcs_heads_hc_personal(lcfed):
+  leaves, _ = _after_round(lcfed)
+  groups = {g: [] for g in ("head", "pcs", "hc", "body")}
+  for path, x in leaves.items():
+    groups[_group(path)].append(equal_across_sites(x))
+  assert all(groups["body"]) and len(groups["body"]) > 20
+  assert not any(groups["head"]) and not any(groups["pcs"]) and not any(groups["hc"])
+
+
+def test_lcfed_pcs_shared_averages_pcs():
+  s = build(tiny_config("lcfed", **{"lcfed.pcs_shared": True}))
+  leaves, _ = _after_round(s)
+  for path, x in leaves.items():
+    assert equal_across_sites(x) == (_group(path) in ("body", "pcs")), path
+
+
+def test_stage_b_changes_only_hc(lcfed):
+  before = flat({"params": lcfed.state.params})
+  after, _ = _after_round(lcfed, stage_index=1)
+  assert lcfed.method.stages[1].loss == "hc"
+  for path, x in after.items():
+    changed = not np.array_equal(x, before[path])
+    assert changed == (_group(path) == "hc"), path
+
+
+def test_head_only_and_body_only_phases(lcfed):
+  """A phase training 'personal' leaves shared leaves untouched, and vice versa."""
+  before = flat({"params": lcfed.state.params})
+  a = lcfed.method.stages[0]
+  for group, expect_changed in (("personal", {"head", "pcs"}), ("shared", {"body"})):
+    stage = dataclasses.replace(a, phases=(Phase(group),), server="none")
+    new, _ = lcfed.round_fn(stage=stage)(lcfed.fresh_state(), lcfed.arrays, lcfed.weights)
+    after = flat({"params": new.params})
+    for path, x in after.items():
+      changed = not np.array_equal(x, before[path])
+      if "/bias" in path and _group(path) == "body":
+        continue   # biases before instance norm may not move (their gradient is zero)
+      assert changed == (_group(path) in expect_changed), (group, path)
+
+
+def test_frozen_adam_skip_leaves_moments_and_count_untouched():
+  p = {"a": jnp.ones(3), "b": jnp.ones(2)}
+  g = {"a": jnp.full(3, 0.5), "b": jnp.full(2, 0.5)}
+  st = adam_init(p)
+  t = {"a": jnp.asarray(True), "b": jnp.asarray(False)}
+  p1, st1 = adam_update(g, st, p, t, 1e-3)
+  assert int(st1.count["a"]) == 1 and int(st1.count["b"]) == 0
+  np.testing.assert_array_equal(st1.mu["b"], 0)
+  np.testing.assert_array_equal(p1["b"], p["b"])
+  assert np.all(np.asarray(p1["a"]) < 1)
+  # PyTorch < 2.0: a zeroed gradient still steps (momentum) and counts.
+  p2, st2 = adam_update(g, st1, p1, {"a": jnp.asarray(False), "b": jnp.asarray(False)}, 1e-3,
+                        frozen="zero_grad")
+  assert int(st2.count["a"]) == 2 and not np.array_equal(p2["a"], p1["a"])
+
+
+def test_contrastive_gradient_reaches_only_pcs():
+  model = SegModel(num_classes=1, base=4, num_sites=3, pcs=True)
+  x = jax.random.uniform(jax.random.PRNGKey(0), (2, 32, 32, 3))
+  v = model.init(jax.random.PRNGKey(1), x, 1)
+
+  def con(params):
+    out = model.apply({"params": params}, x, 1)
+    return model.apply({"params": params}, out["pcs_in"], 1, method=SegModel.contrastive)
+
+  value, grads = jax.value_and_grad(con)(v["params"])
+  assert float(value) < 0     # minus a mean squared distance
+  for path, g in flat(grads).items():
+    nonzero = bool(np.any(np.asarray(g) != 0))
+    assert nonzero == ("pcs_" in path), path
+
+
+def test_contrastive_uses_every_other_sites_code():
+  model = SegModel(num_classes=1, base=4, num_sites=3, pcs=True)
+  x = jax.random.uniform(jax.random.PRNGKey(0), (2, 32, 32, 3))
+  v = model.init(jax.random.PRNGKey(1), x, 0)
+  out = model.apply(v, x, 0)
+  f = out["pcs_in"][0]
+  pcs = lambda codes: model.apply(v, f, codes, method=lambda m, f, c: m.pcs_mods[4].channel_maps(f, c))
+  maps = np.asarray(pcs(jnp.eye(3)))
+  expect = -np.mean([np.mean((maps[0] - maps[j]) ** 2) for j in (1, 2)])
+  got = float(model.apply(v, out["pcs_in"], 0, method=SegModel.contrastive))
+  assert got == pytest.approx(expect, rel=1e-5)
+
+
+# ---------------------------------------------------------------- baselines
+@pytest.mark.parametrize("method,personal_groups", [
+    ("fedavg", set()), ("local", {"head", "body"}), ("fedrep", {"head"})])
+def test_partitions_after_one_round(method, personal_groups):
+  s = build(tiny_config(method))
+  leaves, _ = _after_round(s)
+  for path, x in leaves.items():
+    assert equal_across_sites(x) == (_group(path) not in personal_groups), path
+
+
+def test_fedbn_keeps_bn_personal_with_per_site_statistics():
+  s = build(tiny_config("fedbn"))
+  assert "batch_stats" in s.state.model_state
+  leaves, new = _after_round(s)
+  for path, x in leaves.items():
+    is_bn = "batch_stats/" in path or "/norm" in path
+    assert equal_across_sites(x) == (not is_bn), path
+  # Running statistics moved during the round, differently at every site.
+  mean = leaves["batch_stats/down1/norm1/mean"]
+  assert not np.allclose(mean, 0) and not equal_across_sites(mean)
+  # Evaluation uses each site's own statistics: swapping them changes the predictions.
+  from lcfed_jax import engine
+  predict = engine.make_predict_fn(s.model, "probs", 2, 4)
+  imgs = s.arrays.images[:, :2]
+  own = np.asarray(predict(new.params, new.model_state, imgs)["prob"])
+  swapped = jax.tree.map(lambda a: a[::-1], new.model_state)
+  other = np.asarray(predict(new.params, swapped, imgs)["prob"])
+  assert not np.allclose(own, other)
+
+
+def _numpy_fourier(mats, fraction, divisor):
+  """NumPy reference of PRR-FL's amplitude mixing (spec section 9)."""
+  spec = np.fft.fftshift(np.fft.fft2(mats), axes=(-2, -1))
+  amp, pha = np.abs(spec), np.angle(spec)
+  mean_amp = amp.sum(0) / divisor
+  out = []
+  for k in range(mats.shape[0]):
+    a = amp[k].copy()
+    rows, cols = mats.shape[1:]
+    hr, hc = int(np.floor(fraction * rows + 1e-6)), int(np.floor(fraction * cols + 1e-6))
+    r0, c0 = (rows - hr) // 2, (cols - hc) // 2
+    a[r0:r0 + hr, c0:c0 + hc] = mean_amp[r0:r0 + hr, c0:c0 + hc]
+    out.append(np.real(np.fft.ifft2(np.fft.ifftshift(a * np.exp(1j * pha[k])))))
+  return np.stack(out)
+
+
+@pytest.mark.parametrize("fraction", [0.0, 0.5, 0.7, 1.0])
+def test_prrfl_fourier_mix_matches_numpy_reference(fraction):
+  rng = np.random.default_rng(0)
+  mats = rng.normal(size=(3, 12, 10)).astype(np.float32)
+  got = np.asarray(server.fourier_mix(jnp.asarray(mats), jnp.ones(3), fraction, 3.0))
+  np.testing.assert_allclose(got, _numpy_fourier(mats.astype(np.float64), fraction, 3.0), atol=1e-4)
+  if fraction == 0.0:
+    np.testing.assert_allclose(got, mats, atol=1e-5)        # nothing changes
+  if fraction == 1.0:                                         # every site: the mean amplitude
+    amps = np.abs(np.fft.fft2(got))
+    np.testing.assert_allclose(amps, np.broadcast_to(np.abs(np.fft.fft2(mats)).mean(0), amps.shape),
+                               rtol=1e-3, atol=1e-3)
+
+
+def test_prrfl_kernel_layout_roundtrip_and_divisor_flag():
+  w = jnp.arange(3 * 3 * 2 * 4, dtype=jnp.float32).reshape(3, 3, 2, 4)
+  np.testing.assert_array_equal(server.matrix_kernel(server.kernel_matrix(w), w.shape), w)
+  assert server.kernel_matrix(w).shape == (2 * 3, 3 * 4)
+  tree = {"k": jax.random.normal(jax.random.PRNGKey(0), (6, 3, 3, 2, 4))}
+  fixed = server.fourier_aggregate(tree, {"k": True}, jnp.full(6, 1 / 6), 1.0)["k"]
+  released = server.fourier_aggregate(tree, {"k": True}, jnp.full(6, 1 / 6), 1.0, official_divisor=True)["k"]
+  # With 6 sites the released divisor 4 inflates the amplitude by 6/4.
+  ratio = np.abs(np.fft.fft2(np.asarray(jax.vmap(server.kernel_matrix)(released)))).sum() / \
+      np.abs(np.fft.fft2(np.asarray(jax.vmap(server.kernel_matrix)(fixed)))).sum()
+  assert ratio == pytest.approx(1.5, rel=1e-3)
+  assert server.prrfl_fraction(0) == pytest.approx(0.7)
+  assert server.prrfl_fraction(100) == pytest.approx(0.825)
+  assert server.prrfl_fraction(400) == pytest.approx(0.95)
+
+
+def test_prrfl_round_mixes_kernels_and_averages_other_leaves():
+  s = build(tiny_config("prrfl"))
+  leaves, _ = _after_round(s)
+  for path, x in leaves.items():
+    if path.endswith("kernel"):
+      assert not equal_across_sites(x), path     # own phase and high frequencies kept
+    else:
+      assert equal_across_sites(x), path
+
+
+def test_ft_finetuning_touches_no_other_site():
+  s = build(tiny_config("ft"))
+  assert [st.name for st in s.method.stages] == ["fedavg", "finetune"]
+  assert s.method.stages[1].learning_rate == pytest.approx(1e-4)
+  base = s.fresh_state()
+  a, _ = s.round_fn(1)(jax.tree.map(jnp.copy, base), s.arrays, s.weights)
+  # Perturb site 2 only: after fine-tuning, every other site is bit-identical.
+  bumped = base.replace(params=jax.tree.map(lambda x: x.at[2].add(0.01), base.params))
+  b, _ = s.round_fn(1)(bumped, s.arrays, s.weights)
+  for x, y in zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params)):
+    x, y = np.asarray(x), np.asarray(y)
+    np.testing.assert_array_equal(np.delete(x, 2, 0), np.delete(y, 2, 0))
+    assert not np.array_equal(x[2], y[2])
+
+
+def test_every_method_selectable_in_every_task_config():
+  import importlib
+  from lcfed_jax.methods import METHODS, get_method
+  for task in ("synthetic", "polyp", "fundus", "prostate", "faz"):
+    mod = importlib.import_module(f"configs.{task}")
+    for name in METHODS:
+      c = mod.get_config(name)
+      assert c.method == name and get_method(c).name == name

@@ -143,7 +143,7 @@ def bench_one(method, impl, size, a, data, dev):
       "img_per_s": round(a.sites * a.batch * a.local_steps / round_s, 2),
       "round_s": round(round_s, 4), "round_s_all": [round(t, 4) for t in times],
       "compile_s": round(compile_s, 2), "warmup_round_s": round(warm_s, 4),
-      "init_s (once per method and size)": round(init_s, 2), "peak_mem_bytes": int(peak), "peak_mem_kind": kind,
+      "init_s": round(init_s, 2), "peak_mem_bytes": int(peak), "peak_mem_kind": kind,
       "loss_finite": bool(np.all(np.isfinite(loss)))}
 
 

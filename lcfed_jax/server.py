@@ -3,6 +3,10 @@
 `aggregate` replaces every shared leaf by the weighted mean over sites (broadcast back
 to every site) and leaves personal leaves alone. `fourier_aggregate` is PRR-FL's
 progressive Fourier aggregation of conv kernels (spec section 9).
+
+With `axis_name` (the engine's `shard_map` over the mesh axis 'sites') the arrays are
+one device's block of sites and the sums over sites are completed by a `psum`; a
+zero-weight (padding) site never enters a sum, whatever its values.
 """
 from __future__ import annotations
 
@@ -10,17 +14,23 @@ import jax
 import jax.numpy as jnp
 
 
-def weighted_mean(x, weights):
-  """Mean over the leading site axis with weights summing to 1 (zeros: padding sites)."""
+def site_sum(x, weights, axis_name=None):
+  """sum_k weights[k] * x[k] over the leading site axis (and over devices)."""
   w = weights.reshape((-1,) + (1,) * (x.ndim - 1)).astype(jnp.float32)
-  return jnp.sum(x.astype(jnp.float32) * w, axis=0).astype(x.dtype)
+  out = jnp.sum(jnp.where(w > 0, x.astype(jnp.float32) * w, 0.0), axis=0)
+  return jax.lax.psum(out, axis_name) if axis_name is not None else out
 
 
-def aggregate(tree, shared_mask, weights):
+def weighted_mean(x, weights, axis_name=None):
+  """Mean over the leading site axis with weights summing to 1 (zeros: padding sites)."""
+  return site_sum(x, weights, axis_name).astype(x.dtype)
+
+
+def aggregate(tree, shared_mask, weights, axis_name=None):
   def leaf(x, shared):
     if not shared:
       return x
-    return jnp.broadcast_to(weighted_mean(x, weights)[None], x.shape)
+    return jnp.broadcast_to(weighted_mean(x, weights, axis_name)[None], x.shape)
   return jax.tree.map(leaf, tree, shared_mask)
 
 
@@ -49,38 +59,38 @@ def centred_window(n, fraction):
   return (idx >= start) & (idx < start + size)
 
 
-def fourier_mix(mats, weights, fraction, divisor):
+def fourier_mix(mats, weights, fraction, divisor, axis_name=None):
   """mats [K,a,b] real. Inside the centred low-frequency window every site gets the
   sites' mean amplitude (sum of amplitudes / divisor); each keeps its own phase and its
   own amplitude outside the window."""
   spec = jnp.fft.fftshift(jnp.fft.fft2(mats.astype(jnp.float32)), axes=(-2, -1))
   amp, pha = jnp.abs(spec), jnp.angle(spec)
-  w = weights.reshape(-1, 1, 1)
-  mean_amp = jnp.sum(amp * w, axis=0) / divisor
+  mean_amp = site_sum(amp, weights, axis_name) / divisor
   win = centred_window(mats.shape[1], fraction)[:, None] & centred_window(mats.shape[2], fraction)[None, :]
   amp = jnp.where(win[None], mean_amp[None], amp)
   mixed = jnp.fft.ifft2(jnp.fft.ifftshift(amp * jnp.exp(1j * pha), axes=(-2, -1)))
   return jnp.real(mixed).astype(mats.dtype)
 
 
-def fourier_aggregate(tree, shared_mask, weights, fraction, official_divisor=False):
+def fourier_aggregate(tree, shared_mask, weights, fraction, official_divisor=False, axis_name=None):
   """PRR-FL: shared conv kernels get `fourier_mix`, other shared leaves the mean.
 
   `weights` are the per-site weights (1 for real sites, 0 for padding); the mean
   amplitude divides by the number of real sites, or by 4 with `official_divisor`
   (the released helper's hard-coded client count, spec E4).
   """
+  total = lambda v: jax.lax.psum(jnp.sum(v), axis_name) if axis_name is not None else jnp.sum(v)
   real = (weights > 0).astype(jnp.float32)
-  divisor = 4.0 if official_divisor else jnp.sum(real)
-  mean_w = weights / jnp.sum(weights)
+  divisor = 4.0 if official_divisor else total(real)
+  mean_w = weights / total(weights)
 
   def leaf(x, shared):
     if not shared:
       return x
     if x.ndim == 5:   # site-stacked conv kernel
       mats = jax.vmap(kernel_matrix)(x)
-      mixed = fourier_mix(mats, real, fraction, divisor)
+      mixed = fourier_mix(mats, real, fraction, divisor, axis_name)
       out = jax.vmap(lambda m: matrix_kernel(m, x.shape[1:]))(mixed)
       return jnp.where(real.reshape((-1,) + (1,) * 4) > 0, out, x)
-    return jnp.broadcast_to(weighted_mean(x, mean_w)[None], x.shape)
+    return jnp.broadcast_to(weighted_mean(x, mean_w, axis_name)[None], x.shape)
   return jax.tree.map(leaf, tree, shared_mask)

@@ -9,6 +9,12 @@ are saved every `checkpoint_every` rounds, at the end of every stage and at ever
 that changes the selected model (`lcfed_jax.selection`). At the end the selected model
 is evaluated on every site's test split into results.md/csv/json
 (`lcfed_jax.report`) and the plots (`lcfed_jax.plots`) are drawn.
+
+The site axis is sharded over the mesh of `config.mesh` (`lcfed_jax.sharding`), padded
+with weightless sites when the site count does not divide the device count; losses,
+metrics, selection, reports, returned states and checkpoints hold the real sites only.
+On several hosts every process runs this same loop (the host-side bookkeeping is
+identical everywhere) and only process 0 writes files other than checkpoints.
 """
 from __future__ import annotations
 
@@ -25,7 +31,7 @@ import numpy as np
 import ml_collections
 
 from lcfed_jax import checkpoints as ckpt_lib, engine, evaluate as evaluation, io_utils
-from lcfed_jax import plots, report, selection
+from lcfed_jax import plots, report, selection, sharding
 from lcfed_jax.config_validation import validate
 from lcfed_jax.errors import ConfigError
 from lcfed_jax.data.device import stack_splits
@@ -95,15 +101,24 @@ class _Setup:
     self.method: Method = get_method(config)
     self.schedule = Schedule(list(self.method.stages))
     self.k = data.num_sites
+    self.layout = sharding.from_config(config, self.k)
+    log(self.layout.describe())
     self.model = engine.build_model(config, self.method, self.k, data.in_channels, data.num_classes)
     self.image_shape = data.train[0].images.shape[1:]
     self.eval_batch = int(config.eval.batch_size)
-    self.test_arrays = stack_splits(data.test, pad_multiple=self.eval_batch)
+    self.test_arrays = self.stack(data.test, pad_multiple=self.eval_batch)
     self._predictors = {}
+
+  def stack(self, splits, pad_multiple: int = 1):
+    """Site-sharded arrays of per-site splits, padded with the layout's empty sites."""
+    return stack_splits(splits, self.layout.num_padding, pad_multiple, sharding=self.layout.site_sharding)
 
   def predictor(self, output: str):
     if output not in self._predictors:
-      self._predictors[output] = engine.make_predict_fn(self.model, output, self.eval_batch, self.k)
+      fn = engine.make_predict_fn(self.model, output, self.eval_batch, self.k, self.layout)
+      if jax.process_count() > 1:   # every process scores every site: gather the predictions
+        fn = lambda p, m, x, _fn=fn: sharding.to_host(_fn(p, m, x))
+      self._predictors[output] = fn
     return self._predictors[output]
 
   def meta(self, config, selection_policy: str) -> Dict:
@@ -119,15 +134,18 @@ class _Setup:
     return scores, out
 
   def write_outputs(self, workdir, result: Dict, tree, out: Dict, site_outputs, stem: str, log) -> None:
+    if not sharding.is_main_process():
+      return
     paths = report.write(workdir, result, stem)
     if config_plots(self.config):
       peaks = None
       if self.method.hc:   # the heads' disagreement peaks, whichever output was selected
         peaks = (out if all(o == "hc" for o in site_outputs) else
                  self.predictor("hc")(tree["params"], tree["model_state"], self.test_arrays.images))["peaks"]
-      plots.overlays(np.asarray(self.test_arrays.images), np.asarray(self.test_arrays.masks), out["pred"],
+      plots.overlays(sharding.to_host(self.test_arrays.images), sharding.to_host(self.test_arrays.masks),
+                     out["pred"],
                      self.data.site_names, Path(workdir) / f"{stem}_overlays.png",
-                     peaks=None if peaks is None else np.asarray(peaks),
+                     peaks=None if peaks is None else sharding.to_host(peaks),
                      per_site=int(self.config.eval.get("overlay_examples", 2)),
                      counts=[len(s) for s in self.data.test])
     log(report.to_markdown(result))
@@ -149,7 +167,7 @@ def _cut_metrics(path: Path, last_round: int) -> List[Dict]:
   """Keeps the records of rounds <= last_round (a resume replays the rest)."""
   records = io_utils.read_jsonl(path)
   kept = [r for r in records if int(r["round"]) <= last_round]
-  if len(kept) != len(records) or not path.exists():
+  if (len(kept) != len(records) or not path.exists()) and sharding.is_main_process():
     io_utils.atomic_write_text(path, "".join(
         json.dumps(r, sort_keys=True, default=io_utils._jsonable) + "\n" for r in kept))
   return kept
@@ -159,11 +177,13 @@ def train_and_evaluate(config, workdir: str, log=print) -> Dict:
   validate(config)
   validate_eval(config)
   workdir = Path(workdir)
-  workdir.mkdir(parents=True, exist_ok=True)
-  io_utils.atomic_write_json(workdir / "config.json", config.to_dict())
+  main_process = sharding.is_main_process()
+  if main_process:
+    workdir.mkdir(parents=True, exist_ok=True)
+    io_utils.atomic_write_json(workdir / "config.json", config.to_dict())
 
   setup = _Setup(config, log)
-  data, schedule, k = setup.data, setup.schedule, setup.k
+  data, schedule, k, layout = setup.data, setup.schedule, setup.k, setup.layout
   policy = selection.policy(config)
   train_splits, val_splits = data.train, None
   if policy == "val":
@@ -178,11 +198,13 @@ def train_and_evaluate(config, workdir: str, log=print) -> Dict:
       f"all-background mean IoU {trivial['all_background']:.4f}")
 
   method, model = setup.method, setup.model
-  state = engine.init_state(model, int(config.seed), k, setup.image_shape, config.federated.same_init)
-  masks = engine.Masks.build(state, method)
-  weights = jnp.asarray(site_weights(config, data, train_splits))
-  train_arrays = stack_splits(train_splits)
-  val_arrays = stack_splits(val_splits, pad_multiple=setup.eval_batch) if val_splits else None
+  host_state = jax.tree.map(np.asarray, engine.init_state(model, int(config.seed), k, setup.image_shape,
+                                                          config.federated.same_init))
+  masks = engine.Masks.build(host_state, method)
+  state = layout.pad_host_tree(host_state)        # every site (and padding) on its device
+  weights = layout.weights(site_weights(config, data, train_splits))
+  train_arrays = setup.stack(train_splits)
+  val_arrays = setup.stack(val_splits, pad_multiple=setup.eval_batch) if val_splits else None
   log(f"method={method.name} backend={jax.default_backend()} conv={model.impl} "
       f"dtype={jnp.dtype(model.dtype).name} stages={[(s.name, s.rounds) for s in schedule.stages]}")
 
@@ -193,10 +215,12 @@ def train_and_evaluate(config, workdir: str, log=print) -> Dict:
   if latest is not None:
     saved = ckpts.read_meta(latest)
     ckpt_lib.check_resumable(saved, method.name, data.site_names, schedule)
-    restored = ckpts.restore(latest, ckpt_lib.abstract_like(state), items=("state", "selected"))
-    state = restored["state"]
+    abstract = layout.abstract_real(jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype),
+                                                 host_state))
+    restored = ckpts.restore(latest, abstract, items=("state", "selected"))
+    state = layout.pad(restored["state"])
     if saved["has_selection"]:
-      tracker.load_json(saved["selection"], restored["selected"])
+      tracker.load_json(saved["selection"], layout.pad(restored["selected"]))
     log(f"resumed from {ckpts.dir / str(latest)} (round {int(state.round)}/{schedule.total})")
   start_round = int(state.round)
   metrics_path = workdir / "metrics.jsonl"
@@ -204,7 +228,7 @@ def train_and_evaluate(config, workdir: str, log=print) -> Dict:
 
   def save(done: int, improved: bool = False):
     tree = tracker.tree if tracker.has_selection else selection.model_tree(state)
-    ckpts.save(done, state, tree, dict(meta, has_selection=tracker.has_selection,
+    ckpts.save(done, layout.strip(state), layout.strip(tree), dict(meta, has_selection=tracker.has_selection,
                                        selection=tracker.to_json()),
                protect=tracker.selected_steps() | ({done} if improved else set()))
 
@@ -212,12 +236,12 @@ def train_and_evaluate(config, workdir: str, log=print) -> Dict:
   for stage, a, b in schedule.spans():
     if b <= start_round or stage.rounds == 0:
       continue
-    round_fn = engine.make_round_fn(model, stage, masks, config, k)
+    round_fn = engine.make_round_fn(model, stage, masks, config, k, layout)
     predict = setup.predictor(stage.output)
     for r in range(max(a, start_round), b):
       t_round = time.time()
       state, losses = round_fn(state, train_arrays, weights)
-      losses = np.asarray(losses)
+      losses = sharding.to_host(losses)[:k]
       rounds_run += 1
       done = r + 1
       rps = rounds_run / (time.time() - t_start)
@@ -236,7 +260,8 @@ def train_and_evaluate(config, workdir: str, log=print) -> Dict:
         improved = tracker.update(state, done, [on["sites"][s]["iou"] for s in data.site_names],
                                   stage.output, stage.per_site_selection)
         record["selection"] = tracker.to_json()
-        io_utils.append_jsonl(metrics_path, record)
+        if main_process:
+          io_utils.append_jsonl(metrics_path, record)
         history.append(record)
         log(evaluation.format_line(record, data.site_names) +
             (f" | val mean IoU {record['val']['mean']['iou']:.4f}" if val_arrays is not None else "") +
@@ -252,10 +277,11 @@ def train_and_evaluate(config, workdir: str, log=print) -> Dict:
   final = _result(setup, scores, sel, policy, "best")
   log(f"selected ({policy}): " + report.selected_rounds_text(final))
   setup.write_outputs(workdir, final, tracker.tree, out, tracker.outputs, "results", log)
-  if config_plots(config) and history:
+  if config_plots(config) and history and main_process:
     plots.iou_curves(history, data.site_names, workdir / "iou_curves.png", sel["site_rounds"],
                      title=f"{method.name}: test IoU per site (selection: {policy})")
-  return {"history": history, "state": state, "data": data, "selected": tracker.tree, "result": final}
+  return {"history": history, "state": layout.strip(state), "data": data,
+          "selected": layout.strip(tracker.tree), "result": final}
 
 
 def _eval_config(config, saved: Dict):
@@ -264,6 +290,8 @@ def _eval_config(config, saved: Dict):
   c = ml_collections.ConfigDict(saved["config"])
   c.eval = config.eval
   c.data_dir = config.data_dir
+  if "mesh" in config:      # the devices of this run, not of the one that trained
+    c.mesh = config.mesh
   if "root" in config.data:
     c.data.root = config.data.root
   return c
@@ -281,13 +309,14 @@ def evaluate_checkpoint(config, workdir: str, log=print) -> Dict:
   setup = _Setup(config, log)
   if list(setup.data.site_names) != list(saved["site_names"]):
     raise ConfigError(f"checkpoint sites {saved['site_names']} != data sites {setup.data.site_names}")
-  abstract = ckpt_lib.abstract_state(setup.model, config, setup.k, setup.image_shape)
+  layout = setup.layout
+  abstract = ckpt_lib.abstract_state(setup.model, config, setup.k, setup.image_shape, layout=layout)
   t0 = time.time()
   if which == "best" and saved["has_selection"]:
-    tree = ckpts.restore(step, abstract, items=("selected",))["selected"]
+    tree = layout.pad(ckpts.restore(step, abstract, items=("selected",))["selected"])
     sel = saved["selection"]
   else:
-    state = ckpts.restore(step, abstract, items=("state",))["state"]
+    state = layout.pad(ckpts.restore(step, abstract, items=("state",))["state"])
     tree = selection.model_tree(state)
     rounds = int(state.round)
     output = setup.schedule.stage_at(rounds).output
@@ -295,7 +324,7 @@ def evaluate_checkpoint(config, workdir: str, log=print) -> Dict:
            "site_outputs": {s: output for s in setup.data.site_names}}
     which = "latest"
   ckpts.close()
-  log(f"restored {which} model from {ckpts.dir / str(step)} onto {jax.devices()[0]} "
+  log(f"restored {which} model from {ckpts.dir / str(step)} onto {layout.num_devices} device(s) "
       f"({time.time() - t0:.1f}s)")
   outputs = [sel["site_outputs"][s] for s in setup.data.site_names]
   t0 = time.time()
@@ -305,6 +334,8 @@ def evaluate_checkpoint(config, workdir: str, log=print) -> Dict:
   result = _result(setup, scores, sel, saved["selection_policy"], which)
   stem = "results" if which == "best" else "eval_latest"
   setup.write_outputs(workdir, result, tree, out, outputs, stem, log)
-  io_utils.atomic_write_json(Path(workdir) / f"eval_{which}.json",
-                             dict(result, checkpoint_step=step, devices=[str(d) for d in jax.devices()]))
+  if sharding.is_main_process():
+    io_utils.atomic_write_json(Path(workdir) / f"eval_{which}.json",
+                               dict(result, checkpoint_step=step,
+                                    devices=[str(d) for d in layout.mesh.devices.flat]))
   return result

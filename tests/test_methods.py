@@ -229,3 +229,17 @@ def test_every_method_selectable_in_every_task_config():
     for name in METHODS:
       c = mod.get_config(name)
       assert c.method == name and get_method(c).name == name
+
+
+def test_fedbn_statistics_survive_a_checkpoint(tmp_path):
+  from lcfed_jax import checkpoints as ckpt_lib
+  s = build(tiny_config("fedbn"))
+  _, state = _after_round(s)
+  ck = ckpt_lib.Checkpoints(tmp_path, keep=1)
+  ck.save(1, state, {"params": state.params, "model_state": state.model_state}, {})
+  restored = ck.restore(1, ckpt_lib.abstract_like(state), items=("state",))["state"]
+  ck.close()
+  stats = restored.model_state["batch_stats"]
+  for a, b in zip(jax.tree.leaves(stats), jax.tree.leaves(state.model_state["batch_stats"])):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  assert not equal_across_sites(np.asarray(stats["down1"]["norm1"]["mean"]))

@@ -391,3 +391,13 @@ def split_seeded(items: List, frac_test: float, seed: int) -> Tuple[List, List]:
   train = [it for i, it in enumerate(items) if i not in test_idx]
   test = [it for i, it in enumerate(items) if i in test_idx]
   return train, test
+
+
+def read_pair(img_path, mask_path, channels: int):
+  """An image with `channels` channels and its single-channel mask, same size or DataError."""
+  img = to_channels(read_image(img_path), channels, img_path)
+  m = mask_channel(read_image(mask_path), mask_path)
+  if m.shape != img.shape[:2]:
+    raise DataError(f"Mask {mask_path} is {m.shape[1]}x{m.shape[0]} but its image "
+                    f"{img_path} is {img.shape[1]}x{img.shape[0]}.")
+  return img, m

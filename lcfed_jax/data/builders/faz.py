@@ -53,11 +53,7 @@ class LcfedFaz(common.SiteBuilder):
 
   def load_unit(self, unit, cfg):
     stem, img_path, mask_path = unit
-    img = common.to_channels(common.read_image(img_path), 1, img_path)
-    m = common.mask_channel(common.read_image(mask_path), mask_path)
-    if m.shape != img.shape[:2]:
-      raise DataError(f"Mask {mask_path} is {m.shape[1]}x{m.shape[0]} but its image "
-                      f"{img_path} is {img.shape[1]}x{img.shape[0]}.")
+    img, m = common.read_pair(img_path, mask_path, 1)
     common.check_values(m, (0, 127, 255), mask_path, "{0, 255} (or FedICRA's {0, 127})")
     fg = (m > 0).astype(np.uint8)
     return [common.Example(image=common.resize_image(img, cfg.image_size),

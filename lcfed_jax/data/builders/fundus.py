@@ -56,11 +56,7 @@ class LcfedFundus(common.SiteBuilder):
 
   def load_unit(self, unit, cfg):
     stem, img_path, mask_path = unit
-    img = common.to_channels(common.read_image(img_path), 3, img_path)
-    m = common.mask_channel(common.read_image(mask_path), mask_path)
-    if m.shape != img.shape[:2]:
-      raise DataError(f"Mask {mask_path} is {m.shape[1]}x{m.shape[0]} but its image "
-                      f"{img_path} is {img.shape[1]}x{img.shape[0]}.")
+    img, m = common.read_pair(img_path, mask_path, 3)
     common.check_values(m, (0, 128, 255), mask_path,
                         "{0 (cup), 128 (disc rim), 255 (background)}")
     label = (2 - m // 127).astype(np.uint8)     # 0 bg, 1 rim, 2 cup

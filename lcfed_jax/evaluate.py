@@ -7,7 +7,7 @@ for prostate) and computes IoU, Dice, ASSD and HD95 (medpy definitions).
 """
 from __future__ import annotations
 
-from typing import Dict, Optional
+from typing import Dict
 
 import numpy as np
 

@@ -24,9 +24,8 @@ import logging
 import os
 import time
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List
 
-import numpy as np
 
 from lcfed_jax.data.builders import common
 from lcfed_jax.data.builders import faz as faz_lib

@@ -21,9 +21,8 @@ import re
 import shutil
 import tempfile
 import time
-import uuid
 from pathlib import Path
-from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 from PIL import Image

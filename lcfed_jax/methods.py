@@ -88,7 +88,7 @@ def prrfl(config):
 
 def lcfed(config):
   c = config.lcfed
-  personal = (HEAD, HC) + (() if c.pcs_shared or not c.pcs else (PCS,))
+  personal = (HEAD,) + ((HC,) if c.hc else ()) + ((PCS,) if c.pcs and not c.pcs_shared else ())
   joint = bool(c.hc and c.hc_joint)
   stages = [Stage("A", config.rounds, _head_then_body(config), contrastive=float(c.alpha) if c.pcs else 0.0,
                   hc_joint=joint, output="hc" if joint else "probs")]

@@ -243,3 +243,21 @@ def test_fedbn_statistics_survive_a_checkpoint(tmp_path):
   for a, b in zip(jax.tree.leaves(stats), jax.tree.leaves(state.model_state["batch_stats"])):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   assert not equal_across_sites(np.asarray(stats["down1"]["norm1"]["mean"]))
+
+
+@pytest.mark.parametrize("overrides", [{"lcfed.hc": False}, {"lcfed.pcs": False},
+                                       {"lcfed.pcs": False, "lcfed.hc": False},
+                                       {"lcfed.hc_joint": True}])
+def test_lcfed_ablations_build_and_partition(overrides):
+  from lcfed_jax import engine
+  from lcfed_jax.methods import get_method
+  c = tiny_config("lcfed", **overrides)
+  m = get_method(c)
+  model = engine.build_model(c, m, 3, 3, 1)
+  state = engine.init_state(model, 0, 3, (32, 32, 3))
+  masks = engine.Masks.build(state, m)   # every personal rule must match a parameter
+  paths = [p for p, personal in flat(masks.personal).items() if personal]
+  assert any("/head/" in p for p in paths)
+  assert any("/hc/" in p for p in paths) == (c.lcfed.hc)
+  assert any("/pcs_" in p for p in paths) == (c.lcfed.pcs)
+  assert [s.name for s in m.stages] == (["A", "B"] if c.lcfed.hc and not c.lcfed.hc_joint else ["A"])

@@ -43,6 +43,7 @@ def base_config(task: str, method: str = "lcfed") -> ml_collections.ConfigDict:
   c.model.base = 16              # U-Net base width
   c.model.norm = "in"            # 'in' | 'bn' | 'gn'
   c.model.conv_impl = "auto"     # 'auto' | 'unroll' | 'im2col' | 'grouped' (lcfed_jax.conv)
+  c.model.scan_unroll = 0        # local steps per scan iteration; 0: by backend (engine._scan_unroll)
   c.model.dtype = "auto"         # 'auto' (fp32 on CPU, bf16 compute on GPU/TPU) | 'float32' | 'bfloat16'
 
   c.adam = ml_collections.ConfigDict()   # PyTorch's Adam defaults

@@ -157,6 +157,7 @@ def make_round_fn(model: SegModel, stage: Stage, masks: Masks, config, num_sites
   """
   layout = layout or sharding_lib.single_device_layout(num_sites)
   local_steps = int(config.local_steps)
+  scan_unroll = _scan_unroll(config)
   batch_size = int(config.batch_size)
   lr = float(stage.learning_rate if stage.learning_rate is not None else config.learning_rate)
   frozen = config.federated.frozen_adam
@@ -209,7 +210,8 @@ def make_round_fn(model: SegModel, stage: Stage, masks: Masks, config, num_sites
       return (params, model_state, opt_state), loss
 
     (params, model_state, opt_state), losses = lax.scan(
-        body, (state.params, state.model_state, state.opt_state), jnp.arange(local_steps))
+        body, (state.params, state.model_state, state.opt_state), jnp.arange(local_steps),
+        unroll=scan_unroll)
     tree = {"params": params, **model_state}
     if stage.server == "mean":
       tree = server.aggregate(tree, shared, weights, axis_name=AXIS)
@@ -228,6 +230,20 @@ def make_round_fn(model: SegModel, stage: Stage, masks: Masks, config, num_sites
                          out_specs=(specs, P(AXIS)))(state, data, weights)
 
   return jax.jit(round_fn, donate_argnums=0)
+
+
+def _scan_unroll(config) -> int:
+  """How many local steps one iteration of the scan's loop holds (config.model.scan_unroll).
+
+  0 (auto): 1 (a rolled loop) on GPU/TPU; on CPU the whole round unrolled up to 16 steps,
+  since XLA:CPU runs convolutions inside a `while` body several times slower than outside
+  (bench/README.md).
+  """
+  u = int(config.model.get("scan_unroll", 0))
+  if u <= 0:
+    steps = int(config.local_steps)
+    return steps if jax.default_backend() == "cpu" and steps <= 16 else 1
+  return int(u)
 
 
 def _server_opt_state(opt_state: AdamState, shared_params, weights, stage: Stage, config):

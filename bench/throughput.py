@@ -83,6 +83,7 @@ def make_config(method, impl, a, size):
   c.data.num_sites = a.sites
   c.model.conv_impl = impl
   c.model.dtype = a.dtype
+  c.model.scan_unroll = int(getattr(a, "scan_unroll", 0))
   # Head-only steps scale with the local steps as in the paper (10 of 50).
   c.lcfed.head_iters = max(1, a.local_steps // 5)
   return c
@@ -180,6 +181,8 @@ def main(argv=None):
   p.add_argument("--rounds", type=int, default=3, help="timed rounds, after one warm-up round")
   p.add_argument("--base", type=int, default=16)
   p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
+  p.add_argument("--scan_unrolls", type=int, nargs="+", default=[0],
+                 help="local steps per scan iteration; 0: the backend default (engine._scan_unroll)")
   p.add_argument("--train_size", type=int, default=32, help="random examples per site on device")
   p.add_argument("--paper", action="store_true",
                  help="polyp setting: 4 sites, batch 6, 384 px, 50 local steps, base 16")
@@ -200,7 +203,11 @@ def main(argv=None):
     data = random_data(rng, a.sites, a.train_size, size)
     for method in a.methods:
       for impl in a.impls:
-        print(json.dumps(bench_one(method, impl, size, a, data, dev)), flush=True)
+        for unroll in a.scan_unrolls:
+          a.scan_unroll = unroll
+          out = bench_one(method, impl, size, a, data, dev)
+          out["scan_unroll"] = unroll
+          print(json.dumps(out), flush=True)
     if a.torch:
       run_torch(a, size)
 

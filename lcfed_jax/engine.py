@@ -16,7 +16,7 @@ kept out of every sum by their zero weight.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Any, Optional
 
 import flax.struct
 import jax

@@ -118,8 +118,23 @@ def test_sampling_stays_inside_each_site():
   assert seen == {1, 41, 81, 121}   # rows 0..3 only; padding rows 4, 5 never drawn
 
 
-def test_size_weighting_and_opt_state_options():
+def test_size_weighting():
   s = build(tiny_config("fedavg", **{"federated.weighting": "size"}))
   from lcfed_jax.train import site_weights
   w = site_weights(s.config, s.data)
   np.testing.assert_allclose(w, np.array([10, 7, 5, 8]) / 30, rtol=1e-6)
+
+
+@pytest.mark.parametrize("how", ["keep", "mean", "reset"])
+def test_server_optimizer_state_options(how):
+  s = build(tiny_config("fedavg", **{"federated.opt_state": how}))
+  state, _ = s.round_fn()(s.fresh_state(), s.arrays, s.weights)
+  mu = flat(state.opt_state.mu)
+  counts = flat(state.opt_state.count)
+  kernel = "down1/conv1/kernel"
+  if how == "keep":      # official: every site keeps its own moments
+    assert not equal_across_sites(mu[kernel]) and np.all(counts[kernel] == 4)
+  elif how == "mean":
+    assert equal_across_sites(mu[kernel]) and np.all(counts[kernel] == 4)
+  else:
+    assert np.all(mu[kernel] == 0) and np.all(counts[kernel] == 0)

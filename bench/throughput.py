@@ -192,9 +192,9 @@ def main(argv=None):
   p.add_argument("--cache_dir", default=None,
                  help="persistent compilation cache (default: none, so compile_s is cold)")
   a = p.parse_args(argv)
-  if a.paper:
-    for k, v in PAPER.items():
-      setattr(a, k, v)
+  if a.paper:   # the paper's values as defaults: arguments given explicitly still win
+    p.set_defaults(**PAPER)
+    a = p.parse_args(argv)
   if a.cache_dir:
     jax.config.update("jax_compilation_cache_dir", a.cache_dir)
   dev = jax.devices()[0]

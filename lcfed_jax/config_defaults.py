@@ -100,6 +100,9 @@ def base_config(task: str, method: str = "lcfed") -> ml_collections.ConfigDict:
   c.mesh = ml_collections.ConfigDict()   # lcfed_jax.sharding: the site axis over devices
   c.mesh.num_devices = 0           # devices on the mesh axis 'sites' (0: all, on every host)
   c.mesh.multihost = False         # jax.distributed.initialize() first (launch.py --multihost)
+  c.mesh.coordinator_address = ""  # multihost: host:port of process 0 ("": $JAX_COORDINATOR_ADDRESS or auto)
+  c.mesh.num_processes = 0         # multihost: process count (0: $JAX_NUM_PROCESSES or auto)
+  c.mesh.process_id = -1           # multihost: this process (-1: $JAX_PROCESS_ID or auto)
 
   c.checkpoint = ml_collections.ConfigDict()
   c.checkpoint.keep = 2            # newest checkpoints kept, besides those holding a selected round

@@ -64,6 +64,12 @@ def validate(config) -> None:
              "an integer >= 0 (0: all devices)")
     mh = mesh.get("multihost", False)
     _require(isinstance(mh, bool), "mesh.multihost", mh, "True or False")
+    _require(isinstance(mesh.get("coordinator_address", ""), str), "mesh.coordinator_address",
+             mesh.get("coordinator_address"), "'host:port' or '' (environment / auto-detect)")
+    for key, low in (("num_processes", 0), ("process_id", -1)):
+      v = mesh.get(key, low)
+      _require(isinstance(v, int) and not isinstance(v, bool) and v >= low, f"mesh.{key}", v,
+               f"an integer >= {low} ({low}: environment / auto-detect)")
   if config.data.task == "synthetic":
     _require(isinstance(config.data.num_sites, int) and 1 <= config.data.num_sites <= 6,
              "data.num_sites", config.data.num_sites, "an integer in 1..6 for the synthetic task")

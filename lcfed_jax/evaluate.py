@@ -1,28 +1,33 @@
 """Evaluation of every site on its own test split, with its own model.
 
 Predictions are made on the device for all sites at once (`engine.make_predict_fn`),
-thresholded at 0.5 there, and come to the host as uint8 masks; `lcfed_jax.metrics`
-then applies the task's post-processing and evaluation unit (per image, or per volume
-for prostate) and computes IoU, Dice, ASSD and HD95 (medpy definitions).
+thresholded at 0.5 there, and come to the host as uint8 masks, each process reading
+only the rows of the sites on its own devices; `lcfed_jax.metrics` then applies the task's post-processing and evaluation unit (per image, or per volume
+for prostate) and computes IoU, Dice, ASSD and HD95 (medpy definitions). On several
+hosts the per-site means are gathered, so every process holds the same summary.
 """
 from __future__ import annotations
 
-from typing import Dict
+from typing import Dict, Mapping
 
 import numpy as np
 
-from lcfed_jax import metrics
+from lcfed_jax import metrics, sharding
 
 METRICS = ("iou", "dice", "assd", "hd95")
 
 
 def trivial_baselines(data) -> Dict[str, float]:
-  """Mean IoU over sites of predicting all foreground and all background."""
-  fg, bg = [], []
-  for split in data.test:
-    gt = split.masks.astype(bool)
-    fg.append(np.mean([metrics.iou(np.ones_like(g), g) for g in gt]))
-    bg.append(np.mean([metrics.iou(np.zeros_like(g), g) for g in gt]))
+  """Mean IoU over sites of predicting all foreground and all background (each process
+  scores the test splits it holds)."""
+  local = {}
+  for k, split in enumerate(data.test):
+    if split is not None:
+      gt = split.masks.astype(bool)
+      local[k] = (np.mean([metrics.iou(np.ones_like(g), g) for g in gt]),
+                  np.mean([metrics.iou(np.zeros_like(g), g) for g in gt]))
+  per_site = sharding.merge_sites(local)
+  fg, bg = zip(*(per_site[k] for k in range(data.num_sites)))
   return {"all_foreground": float(np.mean(fg)), "all_background": float(np.mean(bg))}
 
 
@@ -32,27 +37,35 @@ def postprocess_name(data, config) -> str:
   return data.postprocess
 
 
-def score_predictions(preds: np.ndarray, splits, data, config, site_names=None) -> Dict:
-  """preds: uint8 [K, N_pad, H, W, nc] (padding rows past each split's length ignored)."""
-  site_names = site_names or data.site_names
-  results = {}
-  for k, name in enumerate(site_names):
+def score_predictions(preds: Mapping[int, np.ndarray], splits, data, config) -> Dict:
+  """preds: {site index: uint8 [N_pad, H, W, nc]} for the sites this process holds
+  (`splits[k]` not None; padding rows past the split's length are ignored). Every process
+  returns the same summary of all sites: the per-site means are gathered."""
+  local = {}
+  for k, pred in preds.items():
     split = splits[k]
-    results[name] = metrics.evaluate_site(
-        preds[k, :len(split)], split.masks, unit=data.eval_unit, volume_ids=split.volume_ids,
+    local[k] = metrics.evaluate_site(
+        pred[:len(split)], split.masks, unit=data.eval_unit, volume_ids=split.volume_ids,
         slice_index=split.slice_index, postprocess=postprocess_name(data, config),
         empty_policy=config.eval.get("empty_policy", "strict"),
-        sort_slices=config.eval.get("sort_slices", True))
-  summary = metrics.summarize_sites(results)
-  return {"sites": summary["per_site"], "mean": summary["mean"], "std": summary["std"],
-          "_per_unit": results}
+        sort_slices=config.eval.get("sort_slices", True))["mean"]
+  means = sharding.merge_sites(local)
+  missing = [data.site_names[k] for k in range(data.num_sites) if k not in means]
+  if missing:
+    raise RuntimeError(f"no process scored the sites {missing}")
+  summary = metrics.summarize_sites({n: {"mean": means[k]} for k, n in enumerate(data.site_names)})
+  return {"sites": summary["per_site"], "mean": summary["mean"], "std": summary["std"]}
+
+
+def local_predictions(out: Dict, data, keys=("pred",)) -> Dict[str, Dict[int, np.ndarray]]:
+  """{key: {site: rows}} of a predictor's site-sharded outputs, for the real sites whose
+  rows live on this process (only the requested outputs leave the device)."""
+  return {key: sharding.local_rows(out[key], range(data.num_sites)) for key in keys}
 
 
 def evaluate(predict_fn, state, arrays, splits, data, config) -> Dict:
   out = predict_fn(state.params, state.model_state, arrays.images)
-  result = score_predictions(np.asarray(out["pred"]), splits, data, config)
-  result.pop("_per_unit")
-  return result
+  return score_predictions(local_predictions(out, data)["pred"], splits, data, config)
 
 
 def format_line(record, site_names) -> str:

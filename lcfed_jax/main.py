@@ -18,12 +18,12 @@ def setup_jax() -> None:
 
 
 def run(config, workdir: str, mode: str = "train") -> int:
-  # Multi-host: jax.distributed.initialize() before anything else touches JAX.
   from lcfed_jax import sharding
-  sharding.initialize_distributed(config)
-  setup_jax()
-  from lcfed_jax import train
   try:
+    # Multi-host: jax.distributed.initialize() before anything else touches JAX.
+    sharding.initialize_distributed(config)
+    setup_jax()
+    from lcfed_jax import train
     if mode == "train":
       train.train_and_evaluate(config, workdir)
     else:

@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lcfed_jax import sharding as sharding_lib
 from lcfed_jax.data.types import SiteSplit
 from lcfed_jax.errors import ConfigError
 
@@ -41,15 +42,19 @@ def _take(split: SiteSplit, idx: np.ndarray) -> SiteSplit:
                    opt(split.volume_ids), opt(split.slice_index))
 
 
-def carve_validation(train: List[SiteSplit], fraction: float, seed: int
-                     ) -> Tuple[List[SiteSplit], List[SiteSplit]]:
+def carve_validation(train: List[Optional[SiteSplit]], fraction: float, seed: int
+                     ) -> Tuple[List[Optional[SiteSplit]], List[Optional[SiteSplit]]]:
   """(train without val, val) per site: `fraction` of the examples (of the volumes for
   volume tasks, so a case is never split), at least one, drawn by `seed` and the site index.
-  Index order is kept inside both parts."""
+  Index order is kept inside both parts. Sites not held here (None) stay None."""
   if not 0.0 < float(fraction) < 1.0:
     raise ConfigError(f"config.eval.val_fraction={fraction!r}: expected a fraction in (0, 1)")
   new_train, val = [], []
   for k, split in enumerate(train):
+    if split is None:
+      new_train.append(None)
+      val.append(None)
+      continue
     groups = split.volume_ids if split.volume_ids is not None else np.arange(len(split))
     units = np.unique(groups)
     if len(units) < 2:
@@ -151,12 +156,14 @@ def _finite(x: float):
   return float(x) if np.isfinite(x) else None
 
 
-def predict_selected(get_predictor, tree: Dict, site_outputs: List[str], images) -> Dict[str, np.ndarray]:
+def predict_selected(get_predictor, tree: Dict, site_outputs: List[str], images,
+                     num_sites: int, keys=("pred",)) -> Dict[str, Dict[int, np.ndarray]]:
   """Predictions of the selected model, every site through its own round's output
-  ('probs' or 'hc'); host arrays [K, N, ...]."""
-  outs = {o: jax.tree.map(np.asarray, get_predictor(o)(tree["params"], tree["model_state"], images))
-          for o in sorted(set(site_outputs))}
-  if len(outs) == 1:
-    return next(iter(outs.values()))
-  first = next(iter(outs.values()))
-  return {key: np.stack([outs[o][key][k] for k, o in enumerate(site_outputs)]) for key in first}
+  ('probs' or 'hc'): {key: {site: host rows}} for the real sites on this process."""
+  local = {}
+  for o in sorted(set(site_outputs)):
+    out = get_predictor(o)(tree["params"], tree["model_state"], images)
+    mine = [k for k in range(num_sites) if site_outputs[k] == o]
+    for key in keys:
+      local.setdefault(key, {}).update(sharding_lib.local_rows(out[key], mine))
+  return local

@@ -22,7 +22,7 @@ single-process path runs the same code as a multi-host one.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -35,14 +35,33 @@ AXIS = "sites"
 
 
 def initialize_distributed(config=None, log=print) -> None:
-  """`jax.distributed.initialize()` when `config.mesh.multihost` is set (arguments
-  auto-detected on Cloud TPU, Slurm and Open MPI; or from JAX_COORDINATOR_ADDRESS,
-  JAX_NUM_PROCESSES, JAX_PROCESS_ID). Must run before any other JAX call."""
+  """`jax.distributed.initialize(...)` when `config.mesh.multihost` is set. Must run before
+  any other JAX call. The coordinator address, process count and process id come from
+  config.mesh.{coordinator_address, num_processes, process_id} when set, else from the
+  environment variables JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID, else
+  JAX detects them (Cloud TPU, Slurm, Open MPI, Kubernetes)."""
+  import os
   mesh_cfg = config.get("mesh", None) if config is not None else None
   if mesh_cfg is None or not bool(mesh_cfg.get("multihost", False)):
     return
   if not jax.distributed.is_initialized():
-    jax.distributed.initialize()
+    def setting(key, env, default, cast):
+      value = mesh_cfg.get(key, default)
+      if value == default and os.environ.get(env, ""):
+        value, key = os.environ[env], f"${env}"
+      if value == default:
+        return None
+      try:
+        return cast(value)
+      except ValueError:
+        raise ConfigError(f"{key}={value!r}: expected {cast.__name__}") from None
+    address = setting("coordinator_address", "JAX_COORDINATOR_ADDRESS", "", str)
+    count = setting("num_processes", "JAX_NUM_PROCESSES", 0, int)
+    pid = setting("process_id", "JAX_PROCESS_ID", -1, int)
+    if count is not None and pid is not None and not 0 <= pid < count:
+      raise ConfigError(f"process id {pid} is outside 0..{count - 1} (config.mesh.process_id / "
+                        f"JAX_PROCESS_ID against config.mesh.num_processes / JAX_NUM_PROCESSES)")
+    jax.distributed.initialize(coordinator_address=address, num_processes=count, process_id=pid)
   log(f"multihost: process {jax.process_index()}/{jax.process_count()}, "
       f"{jax.local_device_count()} local of {jax.device_count()} devices")
 
@@ -182,6 +201,50 @@ def to_host(tree):
       return np.asarray(multihost_utils.process_allgather(a, tiled=True))
     return np.asarray(a)
   return jax.tree.map(leaf, tree)
+
+
+def local_rows(a: jax.Array, keep: Optional[Sequence[int]] = None) -> Dict[int, np.ndarray]:
+  """{site index: its row as NumPy} for the rows on this process's devices (`keep`: only
+  those indices), read from the addressable shards alone: no cross-host traffic."""
+  rows: Dict[int, np.ndarray] = {}
+  keep = None if keep is None else {int(i) for i in keep}
+  for shard in a.addressable_shards:     # replicas of a block are read once
+    start = shard.index[0].start or 0
+    wanted = [j for j in range(shard.data.shape[0])
+              if start + j not in rows and (keep is None or start + j in keep)]
+    if wanted:
+      block = np.asarray(shard.data)
+      rows.update({start + j: block[j] for j in wanted})
+  return rows
+
+
+def gather_objects(obj) -> List[Any]:
+  """Every process's `obj` (picklable), in process order: small host-side values such as
+  per-site metrics or sizes, which each process knows for its own sites only."""
+  if jax.process_count() == 1:
+    return [obj]
+  import pickle
+  from jax.experimental import multihost_utils
+  payload = np.frombuffer(pickle.dumps(obj), np.uint8)
+  n = global_max(payload.size)
+  buf = np.zeros((n + 8,), np.uint8)
+  buf[:8] = np.frombuffer(np.int64(payload.size).tobytes(), np.uint8)
+  buf[8:8 + payload.size] = payload
+  everyone = np.asarray(multihost_utils.process_allgather(buf))   # [processes, n + 8]
+  out = []
+  for row in everyone:
+    size = int(np.frombuffer(row[:8].tobytes(), np.int64)[0])
+    out.append(pickle.loads(row[8:8 + size].tobytes()))
+  return out
+
+
+def merge_sites(local: Dict[int, Any]) -> Dict[int, Any]:
+  """{site index: value} known per process -> the union over processes (each site is held
+  by exactly one process)."""
+  merged: Dict[int, Any] = {}
+  for part in gather_objects(dict(local)):
+    merged.update(part)
+  return merged
 
 
 def global_max(value: int) -> int:

@@ -35,7 +35,7 @@ from lcfed_jax import plots, report, selection, sharding
 from lcfed_jax.config_validation import validate
 from lcfed_jax.errors import ConfigError
 from lcfed_jax.data.device import stack_splits
-from lcfed_jax.data.tasks import load_task
+from lcfed_jax.data.tasks import load_task, site_names as task_site_names
 from lcfed_jax.methods import Method, Stage, get_method
 
 
@@ -65,12 +65,19 @@ class Schedule:
     return last
 
 
-def site_weights(config, data, splits=None) -> np.ndarray:
-  """Server weights: uniform, or by each site's training-set size (`splits`, default data.train)."""
+def site_weights(config, sizes) -> np.ndarray:
+  """Server weights: uniform, or by each site's training-set size (`sizes`, all sites)."""
   if config.federated.weighting == "size":
-    n = np.array([len(s) for s in (splits or data.train)], np.float32)
+    n = np.asarray(sizes, np.float32)
     return n / n.sum()
-  return np.full((data.num_sites,), 1.0 / data.num_sites, np.float32)
+  return np.full((len(sizes),), 1.0 / len(sizes), np.float32)
+
+
+def split_sizes(splits) -> List[int]:
+  """Every site's split length; each process knows those of its own sites (the others'
+  entries are None), so the lengths are gathered."""
+  sizes = sharding.merge_sites({k: len(s) for k, s in enumerate(splits) if s is not None})
+  return [int(sizes[k]) for k in range(len(splits))]
 
 
 def _fmt_eta(seconds: float) -> str:
@@ -94,17 +101,28 @@ class _Setup:
   def __init__(self, config, log=print):
     t0 = time.time()
     self.config = config
-    self.data = data = load_task(config)
-    log(f"data: task={data.task} sites={data.site_names} "
-        f"train={[len(s) for s in data.train]} test={[len(s) for s in data.test]} "
-        f"({time.time() - t0:.1f}s)")
-    self.method: Method = get_method(config)
-    self.schedule = Schedule(list(self.method.stages))
-    self.k = data.num_sites
+    names = task_site_names(config)
+    self.k = len(names)
     self.layout = sharding.from_config(config, self.k)
     log(self.layout.describe())
+    # Each process reads only the sites on its own devices (all of them on one host).
+    local = self.layout.local_sites()
+    if not local:
+      raise ConfigError(
+          f"process {jax.process_index()} would hold only padding sites: {self.k} sites on "
+          f"{self.layout.num_devices} devices of {jax.process_count()} processes; run fewer "
+          f"processes or devices (config.mesh.num_devices) than there are sites")
+    self.data = data = load_task(config, sites=local)
+    if list(data.site_names) != list(names):
+      raise RuntimeError(f"site list changed while loading: {names} -> {data.site_names}")
+    self.train_sizes, self.test_sizes = split_sizes(data.train), split_sizes(data.test)
+    here = (f" (this process: {[names[i] for i in local]})" if jax.process_count() > 1 else "")
+    log(f"data: task={data.task} sites={data.site_names} "
+        f"train={self.train_sizes} test={self.test_sizes}{here} ({time.time() - t0:.1f}s)")
+    self.method: Method = get_method(config)
+    self.schedule = Schedule(list(self.method.stages))
     self.model = engine.build_model(config, self.method, self.k, data.in_channels, data.num_classes)
-    self.image_shape = data.train[0].images.shape[1:]
+    self.image_shape = data.train[local[0]].images.shape[1:]
     self.eval_batch = int(config.eval.batch_size)
     self.test_arrays = self.stack(data.test, pad_multiple=self.eval_batch)
     self._predictors = {}
@@ -115,10 +133,8 @@ class _Setup:
 
   def predictor(self, output: str):
     if output not in self._predictors:
-      fn = engine.make_predict_fn(self.model, output, self.eval_batch, self.k, self.layout)
-      if jax.process_count() > 1:   # every process scores every site: gather the predictions
-        fn = lambda p, m, x, _fn=fn: sharding.to_host(_fn(p, m, x))
-      self._predictors[output] = fn
+      self._predictors[output] = engine.make_predict_fn(self.model, output, self.eval_batch, self.k,
+                                                        self.layout)
     return self._predictors[output]
 
   def meta(self, config, selection_policy: str) -> Dict:
@@ -127,27 +143,44 @@ class _Setup:
             "schedule": ckpt_lib.schedule_json(self.schedule)}
 
   def evaluate_selected(self, tree, site_outputs, config) -> Tuple[Dict, Dict]:
-    """(scores on every site's test split, raw predictions) of a {'params','model_state'} tree."""
-    out = selection.predict_selected(self.predictor, tree, site_outputs, self.test_arrays.images)
-    scores = evaluation.score_predictions(out["pred"], self.data.test, self.data, config)
-    scores.pop("_per_unit")
-    return scores, out
+    """(scores on every site's test split, {key: {site: predictions}} of this process's
+    sites) of a {'params','model_state'} tree."""
+    keys = ("pred", "peaks") if self.method.hc else ("pred",)
+    out = selection.predict_selected(self.predictor, tree, site_outputs, self.test_arrays.images,
+                                     self.k, keys)
+    return evaluation.score_predictions(out["pred"], self.data.test, self.data, config), out
+
+  def overlay_examples(self, tree, out: Dict, site_outputs) -> Dict:
+    """The first `eval.overlay_examples` test images of every site with their masks,
+    predictions and (HC) peak maps, gathered from the processes that hold them."""
+    n = int(self.config.eval.get("overlay_examples", 2))
+    peaks = None
+    if self.method.hc:   # the heads' disagreement peaks, whichever output was selected
+      peaks = (out["peaks"] if all(o == "hc" for o in site_outputs) else evaluation.local_predictions(
+          self.predictor("hc")(tree["params"], tree["model_state"], self.test_arrays.images),
+          self.data, ("peaks",))["peaks"])
+    local = {k: (s.images[:n], s.masks[:n], out["pred"][k][:n], None if peaks is None else peaks[k][:n])
+             for k, s in enumerate(self.data.test) if s is not None}
+    ex = sharding.merge_sites(local)
+
+    def stack(j):
+      if ex[0][j] is None:
+        return None
+      a = np.zeros((self.k, n) + ex[0][j].shape[1:], ex[0][j].dtype)
+      for k in range(self.k):
+        a[k, :len(ex[k][j])] = ex[k][j]
+      return a
+    return {"images": stack(0), "gts": stack(1), "preds": stack(2), "peaks": stack(3),
+            "counts": [len(ex[k][0]) for k in range(self.k)], "per_site": n}
 
   def write_outputs(self, workdir, result: Dict, tree, out: Dict, site_outputs, stem: str, log) -> None:
+    examples = self.overlay_examples(tree, out, site_outputs) if config_plots(self.config) else None
     if not sharding.is_main_process():
       return
     paths = report.write(workdir, result, stem)
-    if config_plots(self.config):
-      peaks = None
-      if self.method.hc:   # the heads' disagreement peaks, whichever output was selected
-        peaks = (out if all(o == "hc" for o in site_outputs) else
-                 self.predictor("hc")(tree["params"], tree["model_state"], self.test_arrays.images))["peaks"]
-      plots.overlays(sharding.to_host(self.test_arrays.images), sharding.to_host(self.test_arrays.masks),
-                     out["pred"],
-                     self.data.site_names, Path(workdir) / f"{stem}_overlays.png",
-                     peaks=None if peaks is None else sharding.to_host(peaks),
-                     per_site=int(self.config.eval.get("overlay_examples", 2)),
-                     counts=[len(s) for s in self.data.test])
+    if examples is not None:
+      plots.overlays(site_names=self.data.site_names, path=Path(workdir) / f"{stem}_overlays.png",
+                     **examples)
     log(report.to_markdown(result))
     log(f"wrote {', '.join(str(p) for p in paths.values())}")
 
@@ -189,8 +222,8 @@ def train_and_evaluate(config, workdir: str, log=print) -> Dict:
   if policy == "val":
     train_splits, val_splits = selection.carve_validation(data.train, float(config.eval.val_fraction),
                                                           int(config.seed))
-    log(f"selection: validation split of {[len(v) for v in val_splits]} examples carved from training "
-        f"(train now {[len(t) for t in train_splits]})")
+    log(f"selection: validation split of {split_sizes(val_splits)} examples carved from training "
+        f"(train now {split_sizes(train_splits)})")
   else:
     log(f"selection: {policy}")
   trivial = evaluation.trivial_baselines(data)
@@ -202,7 +235,8 @@ def train_and_evaluate(config, workdir: str, log=print) -> Dict:
                                                           config.federated.same_init))
   masks = engine.Masks.build(host_state, method)
   state = layout.pad_host_tree(host_state)        # every site (and padding) on its device
-  weights = layout.weights(site_weights(config, data, train_splits))
+  weights = layout.weights(site_weights(config, split_sizes(train_splits) if val_splits
+                                        else setup.train_sizes))
   train_arrays = setup.stack(train_splits)
   val_arrays = setup.stack(val_splits, pad_multiple=setup.eval_batch) if val_splits else None
   log(f"method={method.name} backend={jax.default_backend()} conv={model.impl} "
@@ -329,7 +363,7 @@ def evaluate_checkpoint(config, workdir: str, log=print) -> Dict:
   outputs = [sel["site_outputs"][s] for s in setup.data.site_names]
   t0 = time.time()
   scores, out = setup.evaluate_selected(tree, outputs, config)
-  n = sum(len(s) for s in setup.data.test)
+  n = sum(setup.test_sizes)
   log(f"evaluated {n} test images in {time.time() - t0:.1f}s")
   result = _result(setup, scores, sel, saved["selection_policy"], which)
   stem = "results" if which == "best" else "eval_latest"

@@ -367,6 +367,40 @@ def test_cache_reuse_and_size_in_config_name(tmp_path):
   assert [n.split("_")[1] for n in names] == ["12px", "8px"]
 
 
+def test_loading_some_sites_builds_and_reads_only_those(tmp_path):
+  """A host of a multi-host run passes its own sites: the others are neither built nor
+  read (no TFDS folder appears for them), and its sites equal a full load's."""
+  root = fx.faz(tmp_path / "faz", n_sites=3)
+  cfg = make_config("faz", root, tmp_path / "tfds_part", image_size=8)
+  part = real.load_real_task(cfg, sites=[1])
+  assert part.site_names == ["site1", "site2", "site3"]
+  assert part.train[0] is None and part.test[2] is None and part.info["loaded_sites"] == ["site2"]
+  built = sorted(p.name.split("_")[0] for p in (tmp_path / "tfds_part" / "lcfed_faz").iterdir())
+  assert built == ["site2"]
+  full = load("faz", root, tmp_path)
+  for split in ("train", "test"):
+    a, b = getattr(part, split)[1], getattr(full, split)[1]
+    np.testing.assert_array_equal(a.images, b.images)
+    np.testing.assert_array_equal(a.masks, b.masks)
+    assert a.names == b.names
+
+
+def test_synthetic_some_sites_equal_full_generation(monkeypatch):
+  from lcfed_jax.data import synthetic, tasks
+  full = synthetic.generate(4, 16, (3, 2, 4, 2), 2, seed=5)
+  monkeypatch.setattr(synthetic, "_PARALLEL_PIXELS", 0)          # one process per split
+  monkeypatch.setattr(synthetic.os, "cpu_count", lambda: 4)
+  part = synthetic.generate(4, 16, (3, 2, 4, 2), 2, seed=5, sites=[2, 3])
+  assert part.site_names == full.site_names and part.train[:2] == [None, None]
+  for k in (2, 3):
+    np.testing.assert_array_equal(part.train[k].images, full.train[k].images)
+    np.testing.assert_array_equal(part.test[k].masks, full.test[k].masks)
+  c = config_dict.ConfigDict({"data": {"task": "synthetic", "num_sites": 3}})
+  assert tasks.site_names(c) == full.site_names[:3]
+  with pytest.raises(UserError, match="data.num_sites=7"):
+    synthetic.site_names(7)
+
+
 def test_add_data_defaults():
   c = config_dict.ConfigDict({"image_size": 96, "data": {"task": "faz", "layout": "x"}})
   real.add_data_defaults(c)

@@ -120,8 +120,8 @@ def test_sampling_stays_inside_each_site():
 
 def test_size_weighting():
   s = build(tiny_config("fedavg", **{"federated.weighting": "size"}))
-  from lcfed_jax.train import site_weights
-  w = site_weights(s.config, s.data)
+  from lcfed_jax.train import site_weights, split_sizes
+  w = site_weights(s.config, split_sizes(s.data.train))
   np.testing.assert_allclose(w, np.array([10, 7, 5, 8]) / 30, rtol=1e-6)
 
 

@@ -14,8 +14,9 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import ROOT, tiny_config
-from lcfed_jax import sharding, train
+from conftest import ROOT, tiny_config, tiny_flags
+from lcfed_jax import checkpoints as ckpt_lib, engine, sharding, train
+from lcfed_jax.methods import get_method
 from lcfed_jax.errors import ConfigError
 
 QUIET = lambda *a, **k: None
@@ -186,6 +187,115 @@ def test_checkpoint_of_padded_run_restores_on_one_device(four_devices):
   res = train.train_and_evaluate(tiny_config("fedavg", **dict(SIX, rounds=3)), str(out / "run4"), log=QUIET)
   assert [r["round"] for r in res["history"]] == [1, 2, 3]
   assert res["history"][:2] == info["run4"]["history"]
+
+
+def _free_port() -> int:
+  import socket
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def two_hosts(tmp_path_factory):
+  """launch.py --multihost as two processes of 2 CPU devices each (gloo collectives),
+  the 6-site run of `four_devices`: process 0 holds sites 0-3, process 1 sites 4-5 and
+  the 2 padding sites."""
+  workdir = tmp_path_factory.mktemp("two_hosts") / "run"
+  port = _free_port()
+  procs = []
+  for pid in range(2):
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
+               JAX_COORDINATOR_ADDRESS=f"localhost:{port}", JAX_NUM_PROCESSES="2",
+               JAX_PROCESS_ID=str(pid), JAX_PLATFORMS="cpu")
+    procs.append(subprocess.Popen(
+        [sys.executable, str(ROOT / "launch.py"), *tiny_flags("fedavg", **SIX),
+         f"--workdir={workdir}", "--multihost"],
+        env=env, cwd=str(ROOT), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+  logs = []
+  for p in procs:
+    try:
+      logs.append(p.communicate(timeout=600)[0])
+    except subprocess.TimeoutExpired:
+      for q in procs:
+        q.kill()
+      raise
+  for pid, p in enumerate(procs):
+    assert p.returncode == 0, f"process {pid}:\n" + logs[pid][-4000:]
+  return workdir, logs
+
+
+def test_two_processes_equal_one_device(two_hosts, four_devices):
+  """Two processes (hosts) with their own sites' data only give the metrics, selection and
+  results of the 1-device run; process 0 alone writes the workdir's files."""
+  workdir, logs = two_hosts
+  _, _, info = four_devices
+  for pid, sites in ((0, "['clinic_a', 'clinic_b', 'clinic_c', 'clinic_d']"), (1, "['clinic_e', 'clinic_f']")):
+    assert f"multihost: process {pid}/2, 2 local of 4 devices" in logs[pid]
+    assert "mesh: 4 devices on 'sites', 6 sites (+2 padding), 2 per device, 2 processes" in logs[pid]
+    assert f"(this process: {sites})" in logs[pid]
+  history = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+  r1 = info["run1"]
+  assert [r["round"] for r in history] == [1, 2]
+  assert _strings(history) == _strings(r1["history"])
+  # The cross-process mean (gloo) rounds differently from one device's: the parameters
+  # agree to 1e-4 (next test), which can flip a thresholded pixel of a 32-px mask, so the
+  # metrics get a pixel's worth of tolerance; the losses are continuous and tight.
+  for r, ref in zip(history, r1["history"]):
+    _close(r["loss"], ref["loss"], 1e-5, f"round {r['round']} losses")
+  np.testing.assert_allclose(_numbers(history), _numbers(r1["history"]), atol=2e-2, rtol=1e-2)
+  result = json.loads((workdir / "results.json").read_text())
+  assert result["site_rounds"] == r1["result"]["site_rounds"]
+  np.testing.assert_allclose(_numbers(result["sites"]), _numbers(r1["result"]["sites"]), atol=2e-2, rtol=1e-2)
+  assert (workdir / "results_overlays.png").stat().st_size > 0   # examples of all 6 sites gathered
+  # Both processes agree on every record (the selection they checkpoint by).
+  evals = [[line for line in log.splitlines() if line.startswith("eval round")] for log in logs]
+  assert len(evals[0]) == 2 and evals[0] == evals[1]
+
+
+def test_two_process_checkpoint_restores_on_one_device(two_hosts, four_devices):
+  """The checkpoint written by two processes restores here (1 device, 1 process): the
+  parameters are those of the 1-device run and the evaluation repeats results.json."""
+  workdir, _ = two_hosts
+  _, arrays, _ = four_devices
+  config = tiny_config("fedavg", **SIX)
+  model = engine.build_model(config, get_method(config), 6, 3, 1)
+  layout = sharding.single_device_layout(6)
+  ckpts = ckpt_lib.Checkpoints(workdir, read_only=True)
+  state = ckpts.restore(2, ckpt_lib.abstract_state(model, config, 6, (32, 32, 3), layout=layout),
+                        items=("state",))["state"]
+  ckpts.close()
+  from helpers import flat
+  got = {f"run1/state/{k}": v for k, v in flat(state).items()}
+  assert got.keys() == {k for k in arrays if k.startswith("run1/state/")}
+  for key, value in got.items():
+    # Rounding can move a max-pool's argmax, which reroutes part of a gradient: Adam's
+    # moments then differ by ~1e-3 at a site while the normalised steps stay ~1e-5.
+    _close(value, arrays[key], 5e-3 if "/opt_state/" in key else 1e-4, key)
+  result = train.evaluate_checkpoint(config, str(workdir), log=QUIET)
+  saved = json.loads((workdir / "results.json").read_text())
+  assert result["site_rounds"] == saved["site_rounds"]
+  np.testing.assert_allclose(_numbers(result["sites"]), _numbers(saved["sites"]), atol=1e-6)
+
+
+def test_distributed_settings_are_checked_before_connecting(monkeypatch):
+  config = tiny_config("fedavg", **{"mesh.multihost": True, "mesh.num_processes": 2,
+                                    "mesh.process_id": 2})
+  with pytest.raises(ConfigError, match="process id 2 is outside 0..1"):
+    sharding.initialize_distributed(config)
+  monkeypatch.setenv("JAX_NUM_PROCESSES", "two")
+  config = tiny_config("fedavg", **{"mesh.multihost": True})
+  with pytest.raises(ConfigError, match="JAX_NUM_PROCESSES='two'"):
+    sharding.initialize_distributed(config)
+
+
+def test_gather_helpers_on_one_process():
+  layout = sharding.SiteLayout(sharding.make_mesh(1), 3)
+  a = layout.pad_host_tree({"x": np.arange(12).reshape(3, 4)})["x"]
+  rows = sharding.local_rows(a, keep=[0, 2])
+  assert sorted(rows) == [0, 2] and rows[2].tolist() == [8, 9, 10, 11]
+  assert sharding.merge_sites({1: "b", 0: "a"}) == {0: "a", 1: "b"}
+  assert sharding.gather_objects({"n": 1}) == [{"n": 1}]
 
 
 def test_layout_and_config():

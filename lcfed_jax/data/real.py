@@ -24,7 +24,7 @@ import logging
 import os
 import time
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, Iterable, List, Optional
 
 
 from lcfed_jax.data.builders import common
@@ -174,16 +174,23 @@ def site_configs(config) -> List[common.SiteConfig]:
                             options=opts(s)) for s in sites]
 
 
-def load_real_task(config) -> FederatedData:
-  """Build (first use) and read every site of config.data.task; returns uint8 arrays."""
+def load_real_task(config, sites: Optional[Iterable[int]] = None) -> FederatedData:
+  """Build (first use) and read the sites of config.data.task; returns uint8 arrays.
+  `sites`: the indices to build and read (default all); the others' splits are None, so
+  a host of a multi-host run touches only the files of its own sites."""
   task = _get(_get(config, "data"), "task")
   paths = resolve_paths(config)
   cfgs = site_configs(config)
   spec = TASK_INFO[task]
   builder_cls = spec["builder"]
+  wanted = set(range(len(cfgs))) if sites is None else {int(i) for i in sites}
   t_all = time.time()
   train, test, counts, build_s, conventions = [], [], {}, {}, {}
-  for sc in cfgs:
+  for i, sc in enumerate(cfgs):
+    if i not in wanted:
+      train.append(None)
+      test.append(None)
+      continue
     builder, seconds = common.build_site(builder_cls, sc, paths["tfds_dir"])
     build_s[sc.site] = None if seconds is None else round(seconds, 3)
     if seconds is not None:
@@ -208,6 +215,7 @@ def load_real_task(config) -> FederatedData:
       "root": paths["root"],
       "tfds_dir": paths["tfds_dir"],
       "layout": cfgs[0].layout,
+      "loaded_sites": [sc.site for i, sc in enumerate(cfgs) if i in wanted],
       "image_size": cfgs[0].image_size,
       "site_counts": counts,
       "build_seconds": build_s,
@@ -219,7 +227,7 @@ def load_real_task(config) -> FederatedData:
   if conventions:
     info["mask_convention"] = conventions
   log.info("%s: sites %s, counts %s, build %.1f s, total %.1f s", task,
-           [sc.site for sc in cfgs], counts, info["build_seconds_total"],
+           info["loaded_sites"], counts, info["build_seconds_total"],
            info["load_seconds_total"])
   return FederatedData(task=task, site_names=[sc.site for sc in cfgs], train=train,
                        test=test, in_channels=in_ch, num_classes=len(spec["classes"]),

@@ -18,13 +18,17 @@ personalization has to fix. Everything is drawn from one seed, in memory, in sec
 """
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
-from typing import List, Sequence
+import multiprocessing
+import os
+from typing import Iterable, List, Optional, Sequence
 
 import numpy as np
 from scipy import ndimage
 
 from lcfed_jax.data.types import FederatedData, SiteSplit
+from lcfed_jax.errors import ConfigError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,30 +132,56 @@ def _render(rng, size: int, style: SiteStyle):
   return (np.clip(img, 0, 1) * 255 + 0.5).astype(np.uint8), target.astype(np.uint8)
 
 
-def _split(rng, n, size, style):
+def _split(seed, k, which, n, size):
+  """Site k's train (which=0) or test (1) split: its own random stream, so changing one
+  size or generating a subset of the sites changes nothing else."""
+  rng, style = np.random.default_rng([seed, k, which]), SITE_STYLES[k]
   pairs = [_render(rng, size, style) for _ in range(n)]
   images = np.stack([p[0] for p in pairs]) if pairs else np.zeros((0, size, size, 3), np.uint8)
   masks = np.stack([p[1] for p in pairs])[..., None] if pairs else np.zeros((0, size, size, 1), np.uint8)
   return images, masks
 
 
-def generate(num_sites: int = 4, image_size: int = 64, train_sizes: Sequence[int] = (120, 80, 60, 100),
-             test_size: int = 40, seed: int = 0) -> FederatedData:
-  """K sites of synthetic polyp-like data; `train_sizes` is cycled if shorter than K."""
+_PARALLEL_PIXELS = 64 * 10 ** 6     # about 430 images at 384 px
+
+
+def _render_in_processes(jobs):
+  ctx = multiprocessing.get_context("spawn")
+  try:
+    with concurrent.futures.ProcessPoolExecutor(min(len(jobs), os.cpu_count()), mp_context=ctx) as ex:
+      futures = {key: ex.submit(_split, *args) for key, args in jobs.items()}
+      return {key: f.result() for key, f in futures.items()}
+  except concurrent.futures.process.BrokenProcessPool:   # e.g. a __main__ read from stdin
+    return {key: _split(*args) for key, args in jobs.items()}
+
+
+def site_names(num_sites: int) -> List[str]:
   if not 1 <= num_sites <= len(SITE_STYLES):
-    raise ValueError(f"data.num_sites={num_sites}; the synthetic task has 1..{len(SITE_STYLES)} sites")
-  train, test, names = [], [], []
-  for k in range(num_sites):
-    style = SITE_STYLES[k]
-    # Every site and split has its own stream, so changing one size changes nothing else.
-    rng_tr = np.random.default_rng([seed, k, 0])
-    rng_te = np.random.default_rng([seed, k, 1])
-    n_train = int(train_sizes[k % len(train_sizes)])
-    tr = _split(rng_tr, n_train, image_size, style)
-    te = _split(rng_te, test_size, image_size, style)
-    train.append(SiteSplit(tr[0], tr[1], [f"{style.name}/train/{i:04d}" for i in range(n_train)]))
-    test.append(SiteSplit(te[0], te[1], [f"{style.name}/test/{i:04d}" for i in range(test_size)]))
-    names.append(style.name)
+    raise ConfigError(f"config.data.num_sites={num_sites}: the synthetic task has 1..{len(SITE_STYLES)} sites")
+  return [SITE_STYLES[k].name for k in range(num_sites)]
+
+
+def generate(num_sites: int = 4, image_size: int = 64, train_sizes: Sequence[int] = (120, 80, 60, 100),
+             test_size: int = 40, seed: int = 0, sites: Optional[Iterable[int]] = None) -> FederatedData:
+  """K sites of synthetic polyp-like data; `train_sizes` is cycled if shorter than K.
+  `sites`: the indices to generate (default all); the others' splits are None (a host of
+  a multi-host run makes only its own sites, each the same as in a full generation)."""
+  names = site_names(num_sites)
+  wanted = set(range(num_sites)) if sites is None else {int(i) for i in sites}
+  jobs = {(k, which): (seed, k, which, n, image_size) for k in sorted(wanted)
+          for which, n in ((0, int(train_sizes[k % len(train_sizes)])), (1, int(test_size)))}
+  pixels = sum(j[3] for j in jobs.values()) * image_size ** 2
+  if pixels > _PARALLEL_PIXELS and len(jobs) > 1 and (os.cpu_count() or 1) > 2:
+    # Large sets (paper-sized benchmarks) render one split per process ('spawn': the
+    # parent may already run JAX's threads, which do not survive a fork).
+    arrays = _render_in_processes(jobs)
+  else:
+    arrays = {key: _split(*args) for key, args in jobs.items()}
+  train, test = [None] * num_sites, [None] * num_sites
+  for (k, which), (images, masks) in arrays.items():
+    kind = ("train", "test")[which]
+    split = SiteSplit(images, masks, [f"{names[k]}/{kind}/{i:04d}" for i in range(len(images))])
+    (train if which == 0 else test)[k] = split
   return FederatedData(task="synthetic", site_names=names, train=train, test=test, in_channels=3,
                        num_classes=1, class_names=["lesion"], eval_unit="image", postprocess="none",
                        info={"protocols": [SITE_STYLES[k].protocol for k in range(num_sites)]})

@@ -226,8 +226,9 @@ def gather_objects(obj) -> List[Any]:
   import pickle
   from jax.experimental import multihost_utils
   payload = np.frombuffer(pickle.dumps(obj), np.uint8)
-  n = global_max(payload.size)
-  buf = np.zeros((n + 8,), np.uint8)
+  # Sizes rounded up to a power of two: the all-gather compiles once per size, not per payload.
+  n = 1 << int(global_max(payload.size + 8) - 1).bit_length()
+  buf = np.zeros((n,), np.uint8)
   buf[:8] = np.frombuffer(np.int64(payload.size).tobytes(), np.uint8)
   buf[8:8 + payload.size] = payload
   everyone = np.asarray(multihost_utils.process_allgather(buf))   # [processes, n + 8]

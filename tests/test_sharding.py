@@ -289,6 +289,12 @@ def test_distributed_settings_are_checked_before_connecting(monkeypatch):
     sharding.initialize_distributed(config)
 
 
+def test_a_process_with_only_padding_sites_is_a_config_error(monkeypatch, tmp_path):
+  monkeypatch.setattr(sharding.SiteLayout, "local_sites", lambda self: [])
+  with pytest.raises(ConfigError, match="would hold only padding sites"):
+    train.train_and_evaluate(tiny_config("fedavg"), str(tmp_path), log=QUIET)
+
+
 def test_gather_helpers_on_one_process():
   layout = sharding.SiteLayout(sharding.make_mesh(1), 3)
   a = layout.pad_host_tree({"x": np.arange(12).reshape(3, 4)})["x"]

@@ -2,9 +2,10 @@
 
 Predictions are made on the device for all sites at once (`engine.make_predict_fn`),
 thresholded at 0.5 there, and come to the host as uint8 masks, each process reading
-only the rows of the sites on its own devices; `lcfed_jax.metrics` then applies the task's post-processing and evaluation unit (per image, or per volume
-for prostate) and computes IoU, Dice, ASSD and HD95 (medpy definitions). On several
-hosts the per-site means are gathered, so every process holds the same summary.
+only the rows of the sites on its own devices; `lcfed_jax.metrics` then applies the
+task's post-processing and evaluation unit (per image, or per volume for prostate) and
+computes IoU, Dice, ASSD and HD95 (medpy definitions). On several hosts the per-site
+means are gathered, so every process holds the same summary.
 """
 from __future__ import annotations
 

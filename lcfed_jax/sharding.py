@@ -22,6 +22,7 @@ single-process path runs the same code as a multi-host one.
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import jax
@@ -40,7 +41,6 @@ def initialize_distributed(config=None, log=print) -> None:
   config.mesh.{coordinator_address, num_processes, process_id} when set, else from the
   environment variables JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID, else
   JAX detects them (Cloud TPU, Slurm, Open MPI, Kubernetes)."""
-  import os
   mesh_cfg = config.get("mesh", None) if config is not None else None
   if mesh_cfg is None or not bool(mesh_cfg.get("multihost", False)):
     return
@@ -231,7 +231,7 @@ def gather_objects(obj) -> List[Any]:
   buf = np.zeros((n,), np.uint8)
   buf[:8] = np.frombuffer(np.int64(payload.size).tobytes(), np.uint8)
   buf[8:8 + payload.size] = payload
-  everyone = np.asarray(multihost_utils.process_allgather(buf))   # [processes, n + 8]
+  everyone = np.asarray(multihost_utils.process_allgather(buf))   # [processes, n]
   out = []
   for row in everyone:
     size = int(np.frombuffer(row[:8].tobytes(), np.int64)[0])

@@ -145,7 +145,8 @@ class _Setup:
   def evaluate_selected(self, tree, site_outputs, config) -> Tuple[Dict, Dict]:
     """(scores on every site's test split, {key: {site: predictions}} of this process's
     sites) of a {'params','model_state'} tree."""
-    keys = ("pred", "peaks") if self.method.hc else ("pred",)
+    # HC peak maps leave the device only for the overlay figure.
+    keys = ("pred", "peaks") if self.method.hc and config_plots(self.config) else ("pred",)
     out = selection.predict_selected(self.predictor, tree, site_outputs, self.test_arrays.images,
                                      self.k, keys)
     return evaluation.score_predictions(out["pred"], self.data.test, self.data, config), out
@@ -218,12 +219,13 @@ def train_and_evaluate(config, workdir: str, log=print) -> Dict:
   setup = _Setup(config, log)
   data, schedule, k, layout = setup.data, setup.schedule, setup.k, setup.layout
   policy = selection.policy(config)
-  train_splits, val_splits = data.train, None
+  train_splits, val_splits, train_sizes = data.train, None, setup.train_sizes
   if policy == "val":
     train_splits, val_splits = selection.carve_validation(data.train, float(config.eval.val_fraction),
                                                           int(config.seed))
+    train_sizes = split_sizes(train_splits)
     log(f"selection: validation split of {split_sizes(val_splits)} examples carved from training "
-        f"(train now {split_sizes(train_splits)})")
+        f"(train now {train_sizes})")
   else:
     log(f"selection: {policy}")
   trivial = evaluation.trivial_baselines(data)
@@ -235,8 +237,7 @@ def train_and_evaluate(config, workdir: str, log=print) -> Dict:
                                                           config.federated.same_init))
   masks = engine.Masks.build(host_state, method)
   state = layout.pad_host_tree(host_state)        # every site (and padding) on its device
-  weights = layout.weights(site_weights(config, split_sizes(train_splits) if val_splits
-                                        else setup.train_sizes))
+  weights = layout.weights(site_weights(config, train_sizes))
   train_arrays = setup.stack(train_splits)
   val_arrays = setup.stack(val_splits, pad_multiple=setup.eval_batch) if val_splits else None
   log(f"method={method.name} backend={jax.default_backend()} conv={model.impl} "

@@ -24,7 +24,7 @@ import numpy as np
 from scipy import ndimage
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from lcfed_jax import metrics  # noqa: E402
+from lcfed_jax.eval import metrics  # noqa: E402
 
 
 def blob_masks(rng, n, size):

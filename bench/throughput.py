@@ -43,10 +43,9 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from configs.synthetic import get_config  # noqa: E402
-from lcfed_jax import engine  # noqa: E402
-from lcfed_jax.conv import IMPLEMENTATIONS  # noqa: E402
 from lcfed_jax.data.device import SiteArrays  # noqa: E402
-from lcfed_jax.methods import get_method  # noqa: E402
+from lcfed_jax.fed import setup  # noqa: E402
+from lcfed_jax.models.conv import IMPLEMENTATIONS  # noqa: E402
 
 PAPER = dict(sizes=[384], sites=4, batch=6, local_steps=50, base=16)
 
@@ -83,9 +82,9 @@ def make_config(method, impl, a, size):
   c.data.num_sites = a.sites
   c.model.conv_impl = impl
   c.model.dtype = a.dtype
-  c.model.scan_unroll = int(getattr(a, "scan_unroll", 0))
+  c.model.scan_unroll = max(int(getattr(a, "scan_unroll", 1)), 1)
   # Head-only steps scale with the local steps as in the paper (10 of 50).
-  c.lcfed.head_iters = max(1, a.local_steps // 5)
+  c.lcfed.head_iters = c.fedrep.head_iters = max(1, a.local_steps // 5)
   return c
 
 
@@ -99,13 +98,13 @@ def random_data(rng, sites, n, size) -> SiteArrays:
 _INIT_CACHE = {}
 
 
-def init_state(model, c, a, size):
+def init_state(exp, c, a, size):
   """The initial state does not depend on the conv impl (unmapped init: plain convs), so
   it is built once per (method, size) and copied (the round donates its state)."""
   key = (c.method, size)
   if key not in _INIT_CACHE:
     t0 = time.perf_counter()
-    state = jax.block_until_ready(engine.init_state(model, c.seed, a.sites, (size, size, 3)))
+    state = jax.block_until_ready(exp.init_state())
     _INIT_CACHE[key] = (state, time.perf_counter() - t0)
   state, init_s = _INIT_CACHE[key]
   return jax.tree.map(jnp.copy, state), init_s
@@ -113,24 +112,22 @@ def init_state(model, c, a, size):
 
 def bench_one(method, impl, size, a, data, dev):
   c = make_config(method, impl, a, size)
-  m = get_method(c)
-  stage = m.stages[0]
-  model = engine.build_model(c, m, a.sites, 3, 1)
-  state, init_s = init_state(model, c, a, size)
-  masks = engine.Masks.build(state, m)
+  exp = setup.build(c, a.sites, 3, 1, (size, size, 3))
+  stage = exp.stages[0]
+  state, init_s = init_state(exp, c, a, size)
   weights = jnp.full((a.sites,), 1.0 / a.sites, jnp.float32)
-  round_fn = engine.make_round_fn(model, stage, masks, c, a.sites)
+  round_fn = exp.round_fn(stage)
   t0 = time.perf_counter()
   compiled = round_fn.lower(state, data, weights).compile()
   compile_s = time.perf_counter() - t0
   t0 = time.perf_counter()
-  state, losses = compiled(state, data, weights)   # warm-up round
+  state, losses, _ = compiled(state, data, weights)   # warm-up round
   jax.block_until_ready((state, losses))
   warm_s = time.perf_counter() - t0
   times = []
   for _ in range(a.rounds):
     t0 = time.perf_counter()
-    state, losses = compiled(state, data, weights)
+    state, losses, _ = compiled(state, data, weights)
     jax.block_until_ready((state, losses))
     times.append(time.perf_counter() - t0)
   round_s = statistics.median(times)
@@ -139,7 +136,7 @@ def bench_one(method, impl, size, a, data, dev):
   return {
       "bench": "throughput", "framework": f"jax {jax.__version__}", "backend": dev.platform,
       "device": device_name(dev), "method": f"{method} stage {stage.name}", "impl": impl,
-      "dtype": str(jnp.dtype(engine.compute_dtype(c))), "sites": a.sites, "batch": a.batch,
+      "dtype": str(jnp.dtype(setup.compute_dtype(c))), "sites": a.sites, "batch": a.batch,
       "image_size": size, "base": a.base, "local_steps": a.local_steps,
       "img_per_s": round(a.sites * a.batch * a.local_steps / round_s, 2),
       "round_s": round(round_s, 4), "round_s_all": [round(t, 4) for t in times],
@@ -181,8 +178,8 @@ def main(argv=None):
   p.add_argument("--rounds", type=int, default=3, help="timed rounds, after one warm-up round")
   p.add_argument("--base", type=int, default=16)
   p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
-  p.add_argument("--scan_unrolls", type=int, nargs="+", default=[0],
-                 help="local steps per scan iteration; 0: the backend default (engine._scan_unroll)")
+  p.add_argument("--scan_unrolls", type=int, nargs="+", default=[1],
+                 help="local steps per iteration of the local-step loop (1: rolled)")
   p.add_argument("--train_size", type=int, default=32, help="random examples per site on device")
   p.add_argument("--paper", action="store_true",
                  help="polyp setting: 4 sites, batch 6, 384 px, 50 local steps, base 16")

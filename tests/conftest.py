@@ -1,4 +1,4 @@
-"""Shared test setup: repo on sys.path, one persistent XLA cache, tiny shared configs."""
+"""Shared test setup: repo on sys.path, one persistent XLA cache, the tiny config."""
 import os
 import sys
 from pathlib import Path
@@ -16,29 +16,19 @@ jax.config.update("jax_compilation_cache_dir", _CACHE)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
 
 
-# The synthetic task at test size: 4 sites, 32 px, base width 4, batch 2.
-TINY = {"image_size": 32, "model.base": 4, "batch_size": 2, "local_steps": 4, "rounds": 2,
-        "eval_every": 1, "checkpoint_every": 1, "lcfed.head_iters": 1, "lcfed.hc_rounds": 1,
-        "ft.rounds": 1, "data.train_sizes": (10, 7, 5, 8), "data.test_size": 4, "eval.batch_size": 2}
-
-
 def tiny_flags(method: str = "fedavg", **overrides):
   """launch.py's arguments for `tiny_config(method, **overrides)`."""
-  return [f"--config={ROOT / 'configs' / 'synthetic.py'}:{method}"] + [
-      f"--config.{k}={v}" for k, v in dict(TINY, **overrides).items()]
+  return [f"--config={ROOT / 'configs' / 'synthetic.py'}:{method},tiny"] + [
+      f"--config.{k}={v}" for k, v in overrides.items()]
 
 
 def tiny_config(method: str = "fedavg", **overrides):
-  """The synthetic task at test size (`TINY`), with `overrides` ({'a.b': value})."""
+  """`configs/synthetic.py:<method>,tiny` with `overrides` ({'a.b': value})."""
   from configs.synthetic import get_config
-  c = get_config(method)
-  overrides = dict(TINY, **overrides)
+  from lcfed_jax.config.defaults import set_dotted
+  c = get_config(f"{method},tiny")
   for k, v in overrides.items():
-    node = c
-    parts = k.split(".")
-    for part in parts[:-1]:
-      node = node[part]
-    node[parts[-1]] = v
+    set_dotted(c, k, v)
   return c
 
 

@@ -1,30 +1,40 @@
-"""Test helpers: build a tiny engine for a method and run rounds directly."""
+"""Test helpers: a tiny experiment built through the one setup path, run round by round."""
 import dataclasses
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lcfed_jax import engine, partition
 from lcfed_jax.data.device import stack_splits
 from lcfed_jax.data.synthetic import generate
-from lcfed_jax.methods import get_method
+from lcfed_jax.fed import partition, setup
 
 
 @dataclasses.dataclass
 class Setup:
   config: object
-  method: object
-  model: object
+  exp: object
   state: object
-  masks: object
   data: object
   arrays: object
   weights: object
 
+  @property
+  def method(self):
+    return self.exp.method
+
+  @property
+  def model(self):
+    return self.exp.model
+
+  @property
+  def masks(self):
+    return self.exp.masks
+
   def round_fn(self, stage_index=0, stage=None):
-    st = stage or self.method.stages[stage_index]
-    return engine.make_round_fn(self.model, st, self.masks, self.config, self.data.num_sites)
+    """`round(state, arrays, weights) -> (state, losses)` of a stage of the method."""
+    fn = self.exp.round_fn(stage or self.method.stages[stage_index])
+    return lambda *a: fn(*a)[:2]
 
   def fresh_state(self):
     return jax.tree.map(jnp.copy, self.state)
@@ -33,13 +43,9 @@ class Setup:
 def build(config):
   data = generate(int(config.data.num_sites), int(config.image_size), tuple(config.data.train_sizes),
                   int(config.data.test_size), int(config.seed))
-  method = get_method(config)
   k = data.num_sites
-  model = engine.build_model(config, method, k, data.in_channels, data.num_classes)
-  state = engine.init_state(model, int(config.seed), k, data.train[0].images.shape[1:])
-  masks = engine.Masks.build(state, method)
-  return Setup(config, method, model, state, masks, data, stack_splits(data.train),
-               jnp.full((k,), 1.0 / k))
+  exp = setup.build(config, k, data.in_channels, data.num_classes, data.train[0].images.shape[1:])
+  return Setup(config, exp, exp.init_state(), data, stack_splits(data.train), jnp.full((k,), 1.0 / k))
 
 
 def flat(tree):

@@ -11,8 +11,10 @@ import numpy as np
 import pytest
 
 from conftest import ROOT, tiny_config
-from lcfed_jax import checkpoints as ckpt_lib, io_utils, train
-from lcfed_jax.errors import UserError
+from lcfed_jax.run import checkpoints as ckpt_lib, train, eval_checkpoint
+from lcfed_jax.util import files as io_utils
+from lcfed_jax.run.runner import Run
+from lcfed_jax.util.errors import UserError
 
 QUIET = lambda *a, **k: None
 
@@ -85,7 +87,7 @@ def test_retention_keeps_newest_and_selected(fedavg_runs):
 
 def test_incompatible_resume_is_a_user_error(fedavg_runs):
   full_dir = fedavg_runs[0]
-  with pytest.raises(UserError, match="method 'fedavg'"):
+  with pytest.raises(UserError, match="method: 'fedavg' -> 'fedrep'"):
     train.train_and_evaluate(tiny_config("fedrep", rounds=4), str(full_dir), log=QUIET)
   with pytest.raises(UserError, match="past the end"):
     train.train_and_evaluate(tiny_config("fedavg", rounds=3), str(full_dir), log=QUIET)
@@ -93,7 +95,7 @@ def test_incompatible_resume_is_a_user_error(fedavg_runs):
 
 def test_eval_without_checkpoint_names_workdir(tmp_path):
   with pytest.raises(UserError, match=str(tmp_path / "nothing")):
-    train.evaluate_checkpoint(tiny_config("fedavg"), str(tmp_path / "nothing"), log=QUIET)
+    eval_checkpoint.evaluate_checkpoint(tiny_config("fedavg"), str(tmp_path / "nothing"), log=QUIET)
 
 
 # ---------------------------------------------------------------- a kill during a save (lcfed)
@@ -108,7 +110,7 @@ def test_kill_during_save_leaves_previous_checkpoint(tmp_path):
       from pathlib import Path
       from orbax.checkpoint._src.path import atomicity
       from conftest import tiny_config
-      from lcfed_jax import train
+      from lcfed_jax.run import train
       orig = atomicity.AtomicRenameTemporaryPath.finalize
       async def finalize(self, *a, **k):
         if Path(str(self._final_path)).name == "3":   # every item is written, the step is not renamed
@@ -142,11 +144,14 @@ def test_checkpoint_from_four_devices_restores_on_one(tmp_path):
       import jax, numpy as np
       from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
       from conftest import tiny_config
-      from lcfed_jax import checkpoints as ckpt_lib, engine, selection, train
+      from lcfed_jax.run import checkpoints as ckpt_lib
+      from lcfed_jax.run.runner import Run
+      from lcfed_jax.run.train import Schedule
+      from lcfed_jax.eval import selection
       assert jax.device_count() == 4, jax.devices()
       config = tiny_config("fedavg", **{{"eval.selection": "test"}})
-      setup = train._Setup(config, log=lambda *a: None)
-      state = engine.init_state(setup.model, 7, setup.k, setup.image_shape)
+      setup = Run(config, log=lambda *a: None)
+      state = setup.exp.init_state()
       mesh = Mesh(np.array(jax.devices()), ("sites",))
       site, rep = NamedSharding(mesh, P("sites")), NamedSharding(mesh, P())
       state = jax.tree.map(lambda a: jax.device_put(a, site if a.ndim else rep), state)
@@ -155,7 +160,8 @@ def test_checkpoint_from_four_devices_restores_on_one(tmp_path):
       tracker = selection.Tracker("test", setup.data.site_names)
       tracker.update(state, 1, np.zeros(setup.k), "probs", False)
       ck = ckpt_lib.Checkpoints({str(wd)!r})
-      meta = dict(setup.meta(config, "test"), has_selection=True, selection=tracker.to_json())
+      meta = dict(ckpt_lib.run_meta(config, setup, "test", Schedule(list(setup.exp.stages))),
+                  has_selection=True, selection=tracker.to_json())
       ck.save(1, state, tracker.tree, meta)
       ck.close()
       flat = {{jax.tree_util.keystr(p): np.asarray(x) for p, x in jax.tree_util.tree_leaves_with_path(state)}}
@@ -165,8 +171,8 @@ def test_checkpoint_from_four_devices_restores_on_one(tmp_path):
   assert jax.device_count() == 1
   config = tiny_config("fedavg", **{"eval.selection": "test"})
   # Without a target orbax refuses the topology; with ours every leaf comes back exactly.
-  setup = train._Setup(config, log=QUIET)
-  abstract = ckpt_lib.abstract_state(setup.model, config, setup.k, setup.image_shape)
+  setup = Run(config, log=QUIET)
+  abstract = ckpt_lib.abstract_like(setup.exp.abstract_state())
   restored = ckpt_lib.Checkpoints(wd, read_only=True).restore(1, abstract, items=("state",))["state"]
   saved = np.load(tmp_path / "leaves.npz")
   flat = {jax.tree_util.keystr(p): x for p, x in jax.tree_util.tree_leaves_with_path(restored)}
@@ -174,10 +180,10 @@ def test_checkpoint_from_four_devices_restores_on_one(tmp_path):
   for key, x in flat.items():
     assert isinstance(x.sharding, jax.sharding.SingleDeviceSharding)
     np.testing.assert_array_equal(np.asarray(x), saved[key], err_msg=key)
-  assert type(restored.opt_state).__name__ == "AdamState"
+  assert type(restored.opt_state).__name__ == "FreezableState"
   # --mode eval on this process's one device.
-  result = train.evaluate_checkpoint(config, str(wd), log=QUIET)
+  result = eval_checkpoint.evaluate_checkpoint(config, str(wd), log=QUIET)
   scores, _ = setup.evaluate_selected({"params": restored.params, "model_state": restored.model_state},
-                                      ["probs"] * setup.k, config)
+                                      ["probs"] * setup.k)
   assert result["sites"] == scores["sites"] and result["mean"] == scores["mean"]
   assert (wd / "results.csv").exists() and json.loads((wd / "eval_best.json").read_text())["checkpoint_step"] == 1

@@ -27,7 +27,7 @@ import numpy as np
 import pytest
 from jax import lax
 
-from lcfed_jax.conv import IMPLEMENTATIONS, same_padding, site_conv
+from lcfed_jax.models.conv import IMPLEMENTATIONS, same_padding, site_conv
 
 REF = "reference"
 FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
@@ -182,16 +182,15 @@ def _model_and_inputs():
   or more, so two correct implementations can differ by percents. With small biases every
   implementation agrees with the reference to ~1e-5 relative."""
   from conftest import tiny_config
-  from lcfed_jax import engine
-  from lcfed_jax.methods import get_method
+  from lcfed_jax.fed import setup
+  from lcfed_jax.fed.methods import get_method
   c = tiny_config("lcfed", image_size=SIZE, **{"model.base": 4, "model.dtype": "float32",
                                                "lcfed.pcs": True, "lcfed.hc": True})
   m = get_method(c)
-  assert m.pcs and m.hc
-  model = engine.build_model(c, m, NUM_SITES, 3, 1)
+  assert m.model.pcs and m.model.hc
+  model = setup.build_model(c, m, NUM_SITES, 3, 1)
   x1 = jnp.zeros((1, SIZE, SIZE, 3))
-  heads = engine._dummy_heads(model, NUM_SITES)
-  shapes = jax.eval_shape(lambda k: model.init(k, x1, 0, train=False, heads=heads),
+  shapes = jax.eval_shape(lambda k: model.init(k, x1, 0, train=False),
                           jax.random.PRNGKey(0))["params"]
   rng = np.random.default_rng(1)
 
@@ -210,7 +209,7 @@ def _model_and_inputs():
 
 def _seg_loss(model, params, x, y, site, heads):
   """Stage A's loss with HC joint: Dice(own head) + Dice(HC) + 0.1 L_con."""
-  from lcfed_jax.losses import dice_loss
+  from lcfed_jax.fed.losses import dice_loss
   from lcfed_jax.models.unet import SegModel
   v = {"params": params}
   out = model.apply(v, x, site, train=True, heads=heads)

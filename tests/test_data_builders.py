@@ -15,18 +15,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # repo root, if n
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import data_fixtures as fx  # noqa: E402
+from lcfed_jax.config.defaults import base_config
 from lcfed_jax.data import real
 from lcfed_jax.data.builders import common
 from lcfed_jax.data.builders import prostate as prostate_lib
-from lcfed_jax.errors import DataError, UserError
+from lcfed_jax.util.errors import DataError, UserError
 
 
 def make_config(task, root, tfds_dir, image_size=8, **data):
-  c = config_dict.ConfigDict()
-  c.data_dir = None
+  c = base_config(task)
+  c.data_dir = ""
   c.image_size = image_size
-  c.data = config_dict.ConfigDict({"task": task})
-  real.add_data_defaults(c)
   c.data.root = str(root)
   c.data.tfds_dir = str(tfds_dir)
   for k, v in data.items():
@@ -401,18 +400,11 @@ def test_synthetic_some_sites_equal_full_generation(monkeypatch):
     synthetic.site_names(7)
 
 
-def test_add_data_defaults():
-  c = config_dict.ConfigDict({"image_size": 96, "data": {"task": "faz", "layout": "x"}})
-  real.add_data_defaults(c)
-  assert c.image_size == 96 and c.data.task == "faz" and c.data.layout == "x"
-  assert c.data.polyp_site2 == "etis" and c.data.prostate_mask == "auto"
-  assert c.data.prostate_norm == "range" and c.data.foreground_slices_only is True
-  assert c.data.root is None and c.data.tfds_dir is None
-  c.data.root = "/somewhere"          # placeholders accept a string later
-  c.data.tfds_dir = "/else"
-  c.data_dir = "/raw"
-  e = real.add_data_defaults(config_dict.ConfigDict())
-  assert e.image_size == 384 and e.data.task == "polyp"
+def test_real_task_defaults():
+  c = base_config("faz")
+  assert c.data.task == "faz" and c.data.layout == "auto" and c.data.polyp_site2 == "etis"
+  assert c.data.prostate_mask == "auto" and c.data.prostate_norm == "range"
+  assert c.data.foreground_slices_only is True and c.data.root == "" and c.data.tfds_dir == ""
 
 
 def test_build_cli(tmp_path, capsys):

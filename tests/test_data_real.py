@@ -16,6 +16,7 @@ from ml_collections import config_dict
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from lcfed_jax.config.defaults import base_config
 from lcfed_jax.data import real  # noqa: E402
 
 
@@ -38,11 +39,9 @@ def tfds_dir(tmp_path_factory):
 
 
 def _load(task, tfds_dir, **data):
-  c = config_dict.ConfigDict()
+  c = base_config(task)
   c.data_dir = str(DATA)
   c.image_size = 32
-  c.data = config_dict.ConfigDict({"task": task})
-  real.add_data_defaults(c)
   c.data.tfds_dir = str(tfds_dir)
   for k, v in data.items():
     setattr(c.data, k, v)

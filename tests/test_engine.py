@@ -6,10 +6,10 @@ import pytest
 
 from conftest import tiny_config
 from helpers import build, equal_across_sites, flat
-from lcfed_jax import server
+from lcfed_jax.fed import optim, server
 from lcfed_jax.data.device import sample_batch
-from lcfed_jax.losses import dice_loss
-from lcfed_jax.optim import adam_init, adam_update
+from lcfed_jax.fed.losses import dice_loss
+from reference_adam import adam_init, adam_update
 
 
 @pytest.fixture(scope="module")
@@ -19,7 +19,7 @@ def fedavg():
   # and the reference round can be compared tightly.
   # 'unroll' runs the very convolution the un-mapped reference runs: other algorithms
   # differ by float rounding, which max-pool ties can turn into different subgradients.
-  return build(tiny_config("fedavg", **{"adam.eps": 1e-3, "model.conv_impl": "unroll"}))
+  return build(tiny_config("fedavg", **{"optimizer.eps": 1e-3, "model.conv_impl": "unroll"}))
 
 
 def test_aggregate_means_shared_and_keeps_personal():
@@ -62,7 +62,7 @@ def _reference_round(s, state):
     x, y = sample_batch(images, masks, count, key, bs)
     loss_fn = lambda p: dice_loss(s.model.apply({"params": p}, x, site, train=True)["probs"], y)
     loss, grads = jax.value_and_grad(loss_fn)(params)
-    params, opt = adam_update(grads, opt, params, trainable, lr, eps=float(c.adam.eps))
+    params, opt = adam_update(grads, opt, params, trainable, lr, eps=float(c.optimizer.eps))
     return params, opt, loss
 
   new_params, losses = [], []
@@ -120,7 +120,7 @@ def test_sampling_stays_inside_each_site():
 
 def test_size_weighting():
   s = build(tiny_config("fedavg", **{"federated.weighting": "size"}))
-  from lcfed_jax.train import site_weights, split_sizes
+  from lcfed_jax.run.runner import site_weights, split_sizes
   w = site_weights(s.config, split_sizes(s.data.train))
   np.testing.assert_allclose(w, np.array([10, 7, 5, 8]) / 30, rtol=1e-6)
 
@@ -129,8 +129,8 @@ def test_size_weighting():
 def test_server_optimizer_state_options(how):
   s = build(tiny_config("fedavg", **{"federated.opt_state": how}))
   state, _ = s.round_fn()(s.fresh_state(), s.arrays, s.weights)
-  mu = flat(state.opt_state.mu)
-  counts = flat(state.opt_state.count)
+  mu = flat(optim.field(state.opt_state, "mu", state.params))
+  counts = flat(optim.field(state.opt_state, "count", state.params))
   kernel = "down1/conv1/kernel"
   if how == "keep":      # official: every site keeps its own moments
     assert not equal_across_sites(mu[kernel]) and np.all(counts[kernel] == 4)

@@ -8,10 +8,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ["--config.image_size=32", "--config.model.base=4", "--config.batch_size=2",
-        "--config.local_steps=2", "--config.rounds=2", "--config.eval_every=1",
-        "--config.data.train_sizes=(10,7,5,8)", "--config.data.test_size=4",
-        "--config.eval.batch_size=2"]
+TINY = ["--config.local_steps=2"]
 
 
 def _launch(*args, env=None):
@@ -20,7 +17,7 @@ def _launch(*args, env=None):
 
 
 def test_tiny_run_writes_config_metrics_and_results(tmp_path):
-  r = _launch("--config", "configs/synthetic.py:fedavg", "--workdir", str(tmp_path), *TINY)
+  r = _launch("--config", "configs/synthetic.py:fedavg,tiny", "--workdir", str(tmp_path), *TINY)
   assert r.returncode == 0, r.stderr[-3000:]
   cfg = json.loads((tmp_path / "config.json").read_text())
   assert cfg["method"] == "fedavg" and cfg["rounds"] == 2 and cfg["image_size"] == 32

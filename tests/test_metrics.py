@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from lcfed_jax import metrics as M
+from lcfed_jax.eval import metrics as M
 
 binary = pytest.importorskip("medpy.metric.binary")
 

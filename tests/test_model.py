@@ -3,7 +3,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lcfed_jax import partition
+from lcfed_jax.fed import partition
 from lcfed_jax.models.hc import gaussian_kernel, peak_map, disagreement, blur
 from lcfed_jax.models.unet import SegModel
 

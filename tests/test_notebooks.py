@@ -60,7 +60,7 @@ def outputs(nb, key: str):
 
 
 def site_names():
-  from lcfed_jax import notebook_utils
+  from lcfed_jax.run import notebook_utils
   from lcfed_jax.data.tasks import load_task
   return list(load_task(notebook_utils.load_config("synthetic", "lcfed", tiny=True)).site_names)
 
@@ -73,7 +73,7 @@ def test_quickstart_runs(kernel_env):
   nb = execute("quickstart.ipynb")
   stdout = "".join(outputs(nb, "stdout"))
   assert "Runtime: " in stdout and "tiny=True" in stdout, stdout[-2000:]
-  assert "round 2/2" in stdout   # one round of stage A, one of the HC
+  assert "round 3/3" in stdout   # two rounds of stage A, one of the HC
   tables = outputs(nb, "text/markdown")
   assert tables, "no results table"
   for s in site_names():

@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 
 from conftest import tiny_config
-from lcfed_jax import compare, io_utils, report, selection, train
+from lcfed_jax.run import compare, report, train, eval_checkpoint
+from lcfed_jax.util import files as io_utils
+from lcfed_jax.eval import selection
 
 QUIET = lambda *a, **k: None
 
@@ -86,7 +88,7 @@ def test_per_site_selection(ft_run):
 def test_eval_latest_matches_last_round(lcfed_run):
   wd, out = lcfed_run
   config = tiny_config("lcfed", rounds=99, **{"eval.checkpoint": "latest"})   # the checkpoint's config wins
-  res = train.evaluate_checkpoint(config, str(wd), log=QUIET)
+  res = eval_checkpoint.evaluate_checkpoint(config, str(wd), log=QUIET)
   last = io_utils.read_jsonl(wd / "metrics.jsonl")[-1]
   assert last["round"] == 4 and set(res["site_rounds"].values()) == {4}
   assert res["sites"] == last["sites"] and res["mean"] == last["mean"]

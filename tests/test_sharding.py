@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 
 from conftest import ROOT, tiny_config, tiny_flags
-from lcfed_jax import checkpoints as ckpt_lib, engine, sharding, train
-from lcfed_jax.methods import get_method
-from lcfed_jax.errors import ConfigError
+from lcfed_jax.run import checkpoints as ckpt_lib, train, eval_checkpoint
+from lcfed_jax.fed import setup, sharding
+from lcfed_jax.util.errors import ConfigError
 
 QUIET = lambda *a, **k: None
 # XLA compiles a block of 2 sites and one of 6 into slightly different float code (even
@@ -26,7 +26,7 @@ QUIET = lambda *a, **k: None
 # gives each leaf at most one or two Adam updates, with a large eps ('unroll' runs the
 # same convolution per site on any layout, tests/test_engine.py).
 SIX = {"data.num_sites": 6, "data.train_sizes": (10, 7, 5, 8, 6, 9), "eval.selection": "test",
-       "local_steps": 1, "adam.eps": 1e-3, "model.conv_impl": "unroll"}
+       "local_steps": 1, "optimizer.eps": 1e-3, "model.conv_impl": "unroll"}
 
 CHILD = """
 import json, os, sys
@@ -35,10 +35,10 @@ jax.config.update('jax_compilation_cache_dir', os.environ['LCFED_JAX_CACHE'])
 jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.2)
 from conftest import tiny_config
 from helpers import flat
-from lcfed_jax import engine, sharding, train
+from lcfed_jax.fed import setup, sharding
+from lcfed_jax.run import train
 from lcfed_jax.data.device import stack_splits
 from lcfed_jax.data.synthetic import generate
-from lcfed_jax.methods import get_method
 assert jax.device_count() == 4, jax.devices()
 out, SIX = sys.argv[1], {six!r}
 quiet = lambda *a, **k: None
@@ -65,23 +65,20 @@ for n in (4, 1):
 for method in ("lcfed", "prrfl"):
   config = tiny_config(method, **dict(SIX, local_steps=2 if method == "lcfed" else 1))
   data = generate(6, 32, SIX["data.train_sizes"], 4, 0)
-  m = get_method(config)
-  model = engine.build_model(config, m, 6, 3, 1)
-  host = jax.tree.map(np.asarray, engine.init_state(model, 0, 6, (32, 32, 3)))
-  masks = engine.Masks.build(host, m)
   for n in (4, 1):
     layout = sharding.SiteLayout(sharding.make_mesh(n), 6)
+    exp = setup.build(config, 6, 3, 1, (32, 32, 3), layout)
+    m = exp.method
+    host = jax.tree.map(np.asarray, exp.init_state())
     state = layout.pad_host_tree(host)
     train_arrays = stack_splits(data.train, layout.num_padding, sharding=layout.site_sharding)
     test_arrays = stack_splits(data.test, layout.num_padding, 2, sharding=layout.site_sharding)
     weights = layout.weights(np.full(6, 1 / 6, np.float32))
     for output in sorted({{s.output for s in m.stages}}):
-      pred = engine.make_predict_fn(model, output, 2, 6, layout)(state.params, state.model_state,
-                                                                test_arrays.images)
+      pred = exp.predict_fn(output, 2)(state.params, state.model_state, test_arrays.images)
       arrays[f"{{method}}{{n}}/{{output}}"] = np.asarray(pred["prob"])[:6]
     for i, stage in enumerate(m.stages):
-      new, loss = engine.make_round_fn(model, stage, masks, config, 6, layout)(
-          layout.pad_host_tree(host), train_arrays, weights)
+      new, loss, _ = exp.round_fn(stage)(layout.pad_host_tree(host), train_arrays, weights)
       arrays[f"{{method}}{{n}}/losses{{i}}"] = np.asarray(loss)[:6]
       for key, leaf in flat(layout.strip(new).params).items():
         arrays[f"{{method}}{{n}}/params{{i}}/{{key}}"] = leaf
@@ -179,7 +176,7 @@ def test_checkpoint_of_padded_run_restores_on_one_device(four_devices):
   to the child's results."""
   out, arrays, info = four_devices
   config = tiny_config("fedavg", **SIX)
-  result = train.evaluate_checkpoint(config, str(out / "run4"), log=QUIET)
+  result = eval_checkpoint.evaluate_checkpoint(config, str(out / "run4"), log=QUIET)
   child = info["run4"]["result"]
   assert result["site_rounds"] == child["site_rounds"]
   np.testing.assert_allclose(_numbers(result["sites"]), _numbers(child["sites"]), atol=1e-6)
@@ -249,7 +246,8 @@ def test_two_processes_equal_one_device(two_hosts, four_devices):
   np.testing.assert_allclose(_numbers(result["sites"]), _numbers(r1["result"]["sites"]), atol=2e-2, rtol=1e-2)
   assert (workdir / "results_overlays.png").stat().st_size > 0   # examples of all 6 sites gathered
   # Both processes agree on every record (the selection they checkpoint by).
-  evals = [[line for line in log.splitlines() if line.startswith("eval round")] for log in logs]
+  evals = [[line[line.index("eval round"):] for line in log.splitlines() if "eval round" in line]
+           for log in logs]
   assert len(evals[0]) == 2 and evals[0] == evals[1]
 
 
@@ -259,11 +257,10 @@ def test_two_process_checkpoint_restores_on_one_device(two_hosts, four_devices):
   workdir, _ = two_hosts
   _, arrays, _ = four_devices
   config = tiny_config("fedavg", **SIX)
-  model = engine.build_model(config, get_method(config), 6, 3, 1)
   layout = sharding.single_device_layout(6)
+  exp = setup.build(config, 6, 3, 1, (32, 32, 3), layout)
   ckpts = ckpt_lib.Checkpoints(workdir, read_only=True)
-  state = ckpts.restore(2, ckpt_lib.abstract_state(model, config, 6, (32, 32, 3), layout=layout),
-                        items=("state",))["state"]
+  state = ckpts.restore(2, layout.abstract_real(exp.abstract_state()), items=("state",))["state"]
   ckpts.close()
   from helpers import flat
   got = {f"run1/state/{k}": v for k, v in flat(state).items()}
@@ -272,7 +269,7 @@ def test_two_process_checkpoint_restores_on_one_device(two_hosts, four_devices):
     # Rounding can move a max-pool's argmax, which reroutes part of a gradient: Adam's
     # moments then differ by ~1e-3 at a site while the normalised steps stay ~1e-5.
     _close(value, arrays[key], 5e-3 if "/opt_state/" in key else 1e-4, key)
-  result = train.evaluate_checkpoint(config, str(workdir), log=QUIET)
+  result = eval_checkpoint.evaluate_checkpoint(config, str(workdir), log=QUIET)
   saved = json.loads((workdir / "results.json").read_text())
   assert result["site_rounds"] == saved["site_rounds"]
   np.testing.assert_allclose(_numbers(result["sites"]), _numbers(saved["sites"]), atol=1e-6)
@@ -314,6 +311,6 @@ def test_layout_and_config():
   assert w.sharding.spec == jax.sharding.PartitionSpec("sites")
   with pytest.raises(ConfigError, match="mesh.num_devices=2"):
     sharding.make_mesh(2)
-  from lcfed_jax.config_validation import validate
+  from lcfed_jax.config.validate import validate
   with pytest.raises(ConfigError, match="mesh.num_devices"):
     validate(tiny_config("fedavg", **{"mesh.num_devices": -1}))

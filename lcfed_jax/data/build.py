@@ -38,7 +38,7 @@ def main(argv=None) -> int:
 
   from ml_collections import config_dict
   from lcfed_jax.data import real
-  from lcfed_jax.errors import UserError
+  from lcfed_jax.util.errors import UserError
 
   config = config_dict.ConfigDict()
   config.data_dir = args.data_dir

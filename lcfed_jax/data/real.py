@@ -33,7 +33,7 @@ from lcfed_jax.data.builders import fundus as fundus_lib
 from lcfed_jax.data.builders import polyp as polyp_lib
 from lcfed_jax.data.builders import prostate as prostate_lib
 from lcfed_jax.data.types import FederatedData, SiteSplit
-from lcfed_jax.errors import DataError
+from lcfed_jax.util.errors import DataError
 
 log = logging.getLogger(__name__)
 
@@ -52,46 +52,6 @@ TASK_INFO = {
     "faz": dict(builder=faz_lib.LcfedFaz, roots=("faz",), classes=["faz"],
                 eval_unit="image", postprocess="none", module=faz_lib),
 }
-
-# Data keys, their defaults and meaning (added by `add_data_defaults`).
-from lcfed_jax.config_defaults import REAL_DATA_DEFAULTS  # noqa: E402
-DATA_DEFAULTS = dict(REAL_DATA_DEFAULTS, num_sites=0)  # num_sites 0: all sites
-
-
-def add_data_defaults(config):
-  """Add the real-data keys (with defaults) to an ml_collections ConfigDict, in place.
-
-  Keys already present are left alone. Adds `config.data_dir` (default
-  $LCFED_DATA_DIR if set, else an unset str placeholder), `config.image_size` (384) and,
-  under `config.data`: task ('polyp'), root, tfds_dir (str placeholders: None means
-  "derived", see the module docstring), layout, polyp_site2, prostate_mask,
-  prostate_norm, foreground_slices_only, num_sites. Returns the config.
-  """
-  from ml_collections import config_dict
-  with config.unlocked() if hasattr(config, "unlocked") else _null():
-    if "data_dir" not in config:
-      env = os.environ.get("LCFED_DATA_DIR")
-      config.data_dir = env if env else config_dict.placeholder(str)
-    if "image_size" not in config:
-      config.image_size = 384
-    if "data" not in config:
-      config.data = config_dict.ConfigDict()
-    data = config.data
-    if "task" not in data:
-      data.task = "polyp"
-    for key, value in DATA_DEFAULTS.items():
-      if key not in data:
-        setattr(data, key, config_dict.placeholder(str) if value is None else value)
-  return config
-
-
-class _null:
-  def __enter__(self):
-    return self
-
-  def __exit__(self, *a):
-    return False
-
 
 def _get(cfg, key, default=None):
   if cfg is None:

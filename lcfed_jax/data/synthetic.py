@@ -28,7 +28,7 @@ import numpy as np
 from scipy import ndimage
 
 from lcfed_jax.data.types import FederatedData, SiteSplit
-from lcfed_jax.errors import ConfigError
+from lcfed_jax.util.errors import ConfigError
 
 
 @dataclasses.dataclass(frozen=True)

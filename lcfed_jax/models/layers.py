@@ -8,16 +8,27 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from lcfed_jax.conv import site_conv
+from lcfed_jax.models.conv import site_conv
 
 # PyTorch's kaiming_normal_(mode='fan_out', nonlinearity='relu'): an untruncated normal.
+# The official U-Net applies it to every Conv2d it holds when it is built.
 kaiming_fan_out = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 
 
 def torch_default_uniform(fan_in: int):
-  """PyTorch's default init for biases (and for weights left to `reset_parameters`)."""
+  """U(+-1/sqrt(fan_in)): PyTorch's default init of a bias, and of a weight left to
+  `reset_parameters` (kaiming_uniform with a=sqrt(5) gives the same bound)."""
   bound = 1.0 / math.sqrt(fan_in)
   return lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype, -bound, bound)
+
+
+def _torch_default_kernel(key, shape, dtype=jnp.float32):
+  return torch_default_uniform(math.prod(shape[:-1]))(key, shape, dtype)
+
+
+# How a SiteConv's kernel starts: 'kaiming' for convolutions inside the official U-Net
+# (its init loop reaches them), 'torch_default' for those built outside it (HC's conv).
+KERNEL_INITS = {"kaiming": kaiming_fan_out, "torch_default": _torch_default_kernel}
 
 
 class SiteConv(nn.Module):
@@ -27,12 +38,13 @@ class SiteConv(nn.Module):
   use_bias: bool = True
   impl: str = "unroll"
   dtype: Any = jnp.float32
+  kernel_init: str = "kaiming"    # a key of KERNEL_INITS
 
   @nn.compact
   def __call__(self, x):
     kh, kw = self.kernel_size
     cin = x.shape[-1]
-    kernel = self.param("kernel", kaiming_fan_out, (kh, kw, cin, self.features))
+    kernel = self.param("kernel", KERNEL_INITS[self.kernel_init], (kh, kw, cin, self.features))
     y = site_conv(x.astype(self.dtype), kernel.astype(self.dtype), self.impl)
     if self.use_bias:
       bias = self.param("bias", torch_default_uniform(cin * kh * kw), (self.features,))

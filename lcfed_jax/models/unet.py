@@ -1,4 +1,10 @@
-"""The FedDG 2-D U-Net (spec section 3), with optional PCS and HC.
+"""The FedDG 2-D U-Net (base width n = 16 in the paper), with optional PCS and HC.
+
+Encoder blocks `down1..5` ([max-pool] conv3-norm, conv3-norm-relu, conv3-norm-relu;
+n, 2n, 4n, 8n, 16n channels), decoder blocks `up4..1` ([conv3-norm-relu], nearest 2x
+upsampling, conv1-norm-relu to half the channels, concatenation with the skip,
+conv3-norm-relu), a 1x1 head and a sigmoid per class. Norms are instance norm without
+affine parameters by default ('bn' for FedBN, 'gn' GroupNorm(1, C)).
 
 Submodule names are what the partition regexes of a method address:
 `down1`..`down5` (encoder), `up4`..`up1` (decoder), `head` (the personal 1x1 head),
@@ -110,6 +116,10 @@ class SegModel(nn.Module):
       y = up(y, skip, train)
     out["features"] = y
     out["probs"] = jax.nn.sigmoid(self.head(y).astype(jnp.float32))
+    if self.hc and heads is None and self.is_initializing():
+      # HC's parameters do not depend on the heads: placeholders create them at init.
+      heads = {"kernel": jnp.zeros((self.num_sites, 1, 1, y.shape[-1], self.num_classes)),
+               "bias": jnp.zeros((self.num_sites, self.num_classes))}
     if self.hc and heads is not None:
       out["hc"], out["peaks"] = self.hc_mod(y, out["probs"], site, heads["kernel"], heads["bias"])
     return out
@@ -129,3 +139,25 @@ class SegModel(nn.Module):
       others = 1.0 - jax.nn.one_hot(site, self.num_sites)
       terms.append(-jnp.sum(mse * others) / max(self.num_sites - 1, 1))
     return jnp.mean(jnp.stack(terms)) if terms else jnp.zeros(())
+
+
+class TwinSegModel(nn.Module):
+  """Two copies of the network, 'global' and 'personal' (Ditto): the outputs of the
+  personal one, plus 'global_probs' of the global one."""
+  num_classes: int = 1
+  base: int = 16
+  norm: str = "in"
+  num_sites: int = 1
+  impl: str = "unroll"
+  dtype: Any = jnp.float32
+
+  def setup(self):
+    kw = dict(num_classes=self.num_classes, base=self.base, norm=self.norm, num_sites=self.num_sites,
+              impl=self.impl, dtype=self.dtype)
+    self.global_net = SegModel(name="global", **kw)
+    self.personal_net = SegModel(name="personal", **kw)
+
+  def __call__(self, x, site, train: bool = False, heads=None):
+    out = dict(self.personal_net(x, site, train))
+    out["global_probs"] = self.global_net(x, site, train)["probs"]
+    return out

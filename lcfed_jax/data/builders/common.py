@@ -27,7 +27,7 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 import numpy as np
 from PIL import Image
 
-from lcfed_jax.errors import DataError
+from lcfed_jax.util.errors import DataError
 
 log = logging.getLogger(__name__)
 
@@ -390,6 +390,15 @@ def split_seeded(items: List, frac_test: float, seed: int) -> Tuple[List, List]:
   train = [it for i, it in enumerate(items) if i not in test_idx]
   test = [it for i, it in enumerate(items) if i in test_idx]
   return train, test
+
+
+def foreground(m: np.ndarray, path: Path) -> np.ndarray:
+  """Binary {0,1} foreground of a grey mask: value > 127 for {0, 255}-style masks; masks
+  stored as {0, 1} (max value 1) are taken as they are, not thresholded to nothing."""
+  if m.size and int(m.max()) == 1:
+    check_values(m, (0, 1), path, "{0, 1} (a mask whose maximum is 1)")
+    return m.astype(np.uint8)
+  return (m > 127).astype(np.uint8)
 
 
 def read_pair(img_path, mask_path, channels: int):

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from lcfed_jax.data.builders import common, sites
-from lcfed_jax.errors import DataError
+from lcfed_jax.util.errors import DataError
 
 MANUAL_DOWNLOAD_INSTRUCTIONS = """\
 FAZ segmentation in OCTA, 5 sites (FAZID, OCTA-500 3M, OCTA-500 6M, OCTA-25K sOCTA-3x3,
@@ -54,7 +54,7 @@ class LcfedFaz(common.SiteBuilder):
   def load_unit(self, unit, cfg):
     stem, img_path, mask_path = unit
     img, m = common.read_pair(img_path, mask_path, 1)
-    common.check_values(m, (0, 127, 255), mask_path, "{0, 255} (or FedICRA's {0, 127})")
+    common.check_values(m, (0, 1, 127, 255), mask_path, "{0, 255} (or FedICRA's {0, 127}, or {0, 1})")
     fg = (m > 0).astype(np.uint8)
     return [common.Example(image=common.resize_image(img, cfg.image_size),
                            mask=common.resize_labels(fg, cfg.image_size)[..., None],

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from lcfed_jax.data.builders import common, sites
-from lcfed_jax.errors import DataError
+from lcfed_jax.util.errors import DataError
 
 MANUAL_DOWNLOAD_INSTRUCTIONS = """\
 Fundus OD/OC data as prepared by FedDG / DoFE (Drishti-GS, RIM-ONE r3, REFUGE train,

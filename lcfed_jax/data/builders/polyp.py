@@ -27,7 +27,8 @@ Two raw layouts (`layout`):
 POLYP_SPLIT_SEED = 0), train = the rest. With polyp_site2='colondb_as_released'
   site 'etis' is read from the colondb folder, frames 1..170 / 171..196.
 
-Masks: foreground = grey value > 127 (any value allowed; JPEG masks have soft edges).
+Masks: foreground = grey value > 127 (any value allowed; JPEG masks have soft edges), or
+value 1 in a mask stored as {0, 1}.
 Images: RGB (grey images are repeated to 3 channels). Resize bilinear (image) / nearest
 (mask) to the config's image size; stored uint8, 1 mask channel.
 """
@@ -40,7 +41,7 @@ from typing import Dict, List
 import numpy as np
 
 from lcfed_jax.data.builders import common
-from lcfed_jax.errors import DataError
+from lcfed_jax.util.errors import DataError
 
 log = logging.getLogger(__name__)
 
@@ -181,7 +182,7 @@ class LcfedPolyp(common.SiteBuilder):
   def load_unit(self, unit, cfg):
     stem, img_path, mask_path = unit
     img, m = common.read_pair(img_path, mask_path, 3)
-    fg = (m > 127).astype(np.uint8)
+    fg = common.foreground(m, mask_path)
     s = cfg.image_size
     return [common.Example(image=common.resize_image(img, s),
                            mask=common.resize_labels(fg, s)[..., None], name=stem)]

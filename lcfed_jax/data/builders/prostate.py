@@ -42,7 +42,7 @@ from typing import List
 import numpy as np
 
 from lcfed_jax.data.builders import common
-from lcfed_jax.errors import DataError
+from lcfed_jax.util.errors import DataError
 
 log = logging.getLogger(__name__)
 

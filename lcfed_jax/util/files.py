@@ -24,12 +24,12 @@ def atomic_write_text(path, text: str) -> None:
 
 
 def atomic_write_json(path, obj) -> None:
-  atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=_jsonable) + "\n")
+  atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=jsonable) + "\n")
 
 
 def append_jsonl(path, obj) -> None:
   """One whole line per record; fsync so a crash cannot leave half a line behind."""
-  line = json.dumps(obj, sort_keys=True, default=_jsonable) + "\n"
+  line = json.dumps(obj, sort_keys=True, default=jsonable) + "\n"
   with open(path, "a") as f:
     f.write(line)
     f.flush()
@@ -47,7 +47,7 @@ def read_jsonl(path) -> list:
   return out
 
 
-def _jsonable(x):
+def jsonable(x):
   if hasattr(x, "tolist"):
     return x.tolist()
   if isinstance(x, (set, tuple)):

@@ -96,3 +96,49 @@ def overlays(images: np.ndarray, gts: np.ndarray, preds: np.ndarray, site_names:
   fig.savefig(path, dpi=90)
   plt.close(fig)
   return path
+
+
+def method_curves(curves: Dict[str, Sequence[Sequence[Dict]]], path, title: str = "") -> Path:
+  """Mean test IoU per round of every method: the mean over seeds, shaded over their range.
+  curves: {method: [metrics.jsonl records of one seed, ...]}."""
+  plt = _plt()
+  fig, ax = plt.subplots(figsize=(8, 5))
+  for label, seeds in curves.items():
+    rounds = sorted(set.intersection(*[{r["round"] for r in recs} for recs in seeds]))
+    if not rounds:
+      continue
+    values = np.array([[next(r["mean"]["iou"] for r in recs if r["round"] == x) for x in rounds]
+                       for recs in seeds])
+    line, = ax.plot(rounds, values.mean(0), lw=1.8, label=label)
+    if len(seeds) > 1:
+      ax.fill_between(rounds, values.min(0), values.max(0), color=line.get_color(), alpha=0.2, lw=0)
+  ax.set_xlabel("round")
+  ax.set_ylabel("mean test IoU over sites")
+  ax.set_ylim(0, 1)
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=8, loc="lower right", ncol=2)
+  ax.set_title(title or "mean test IoU per round (band: range over seeds)")
+  fig.tight_layout()
+  path = Path(path)
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+  return path
+
+
+def side_by_side(panels: Sequence, path) -> Path:
+  """[(title, png path), ...] next to each other in one figure."""
+  from PIL import Image
+  plt = _plt()
+  images = [np.asarray(Image.open(p).convert("RGB")) for _, p in panels]
+  h = max(i.shape[0] for i in images)
+  fig, axes = plt.subplots(1, len(images), figsize=(sum(i.shape[1] for i in images) / 90, h / 90 + 0.4),
+                           squeeze=False)
+  for ax, (title, _), img in zip(axes[0], panels, images):
+    ax.imshow(img)
+    ax.set_title(title, fontsize=10)
+    ax.axis("off")
+  fig.tight_layout()
+  path = Path(path)
+  fig.savefig(path, dpi=90)
+  plt.close(fig)
+  return path

@@ -1,6 +1,6 @@
 """Merge several workdirs (one per method) into one table like the paper's.
 
-  python -m lcfed_jax.compare WORKDIR... [--out DIR]
+  python -m lcfed_jax.run.compare WORKDIR... [--out DIR]
 
 Reads every workdir's `results.json` (written at the end of training and by
 `--mode eval`), checks that they share the task's sites, and writes `compare.md` and
@@ -18,8 +18,9 @@ import sys
 from pathlib import Path
 from typing import Dict, List, Sequence
 
-from lcfed_jax import io_utils, report
-from lcfed_jax.errors import UserError
+from lcfed_jax.util import files as io_utils
+from lcfed_jax.run import report
+from lcfed_jax.util.errors import UserError
 
 
 def load(workdir) -> Dict:
@@ -101,7 +102,7 @@ def to_csv(results: Sequence[Dict]) -> str:
 
 
 def main(argv=None) -> int:
-  p = argparse.ArgumentParser(prog="python -m lcfed_jax.compare", description=__doc__.split("\n")[0])
+  p = argparse.ArgumentParser(prog="python -m lcfed_jax.run.compare", description=__doc__.split("\n")[0])
   p.add_argument("workdirs", nargs="+")
   p.add_argument("--out", default=".")
   args = p.parse_args(argv)

@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from lcfed_jax.errors import ConfigError
+from lcfed_jax.util.errors import ConfigError
 
 AXIS = "sites"
 
@@ -41,12 +41,12 @@ def initialize_distributed(config=None, log=print) -> None:
   config.mesh.{coordinator_address, num_processes, process_id} when set, else from the
   environment variables JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID, else
   JAX detects them (Cloud TPU, Slurm, Open MPI, Kubernetes)."""
-  mesh_cfg = config.get("mesh", None) if config is not None else None
-  if mesh_cfg is None or not bool(mesh_cfg.get("multihost", False)):
+  mesh_cfg = config.mesh if config is not None else None
+  if mesh_cfg is None or not bool(mesh_cfg.multihost):
     return
   if not jax.distributed.is_initialized():
     def setting(key, env, default, cast):
-      value = mesh_cfg.get(key, default)
+      value = mesh_cfg[key]
       if value == default and os.environ.get(env, ""):
         value, key = os.environ[env], f"${env}"
       if value == default:
@@ -248,6 +248,13 @@ def merge_sites(local: Dict[int, Any]) -> Dict[int, Any]:
   return merged
 
 
+def barrier(name: str) -> None:
+  """Every process waits here for the others (a no-op on one process)."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices(name)
+
+
 def global_max(value: int) -> int:
   """The maximum of an integer over processes."""
   if jax.process_count() == 1:
@@ -257,8 +264,7 @@ def global_max(value: int) -> int:
 
 
 def from_config(config, num_sites: int) -> SiteLayout:
-  m = config.get("mesh", None)
-  return SiteLayout(make_mesh(int(m.num_devices) if m is not None else 0), int(num_sites))
+  return SiteLayout(make_mesh(int(config.mesh.num_devices)), int(num_sites))
 
 
 def single_device_layout(num_sites: int) -> SiteLayout:

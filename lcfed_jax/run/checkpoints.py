@@ -1,8 +1,8 @@
 """Orbax checkpoints of the whole federated state, restorable on any device topology.
 
 Layout: `WORKDIR/checkpoints/<round>/` with three items
-  state     the FedState (params, model_state, opt_state with per-leaf Adam counts, rng,
-            round), every leaf with its site axis;
+  state     the FedState (params, model_state, opt_state with every leaf's own optimizer
+            state and step count, rng, round), every leaf with its site axis;
   selected  {'params', 'model_state'} of the model selected so far (`lcfed_jax.selection`;
             a per-site mix of rounds under per-site selection);
   meta      JSON: round, config, site names, method, schedule, the selection bookkeeping.
@@ -15,7 +15,7 @@ temporary directories are removed when a writer opens the directory again.
 Restores always pass a target built from the current process (`abstract_state`): a
 checkpoint saved from arrays sharded over several devices then restores onto one (orbax
 refuses a topology mismatch without a target, and without one NamedTuples such as
-`AdamState` would come back as lists). With a `SiteLayout` (`lcfed_jax.sharding`) the
+the optimizer's NamedTuples would come back as lists). With a `SiteLayout` the
 target carries the current mesh's shardings, so every process restores only its own
 blocks. Checkpoints hold the real sites only (training strips the padding sites before
 saving and pads again after restoring), so one restores on any number of devices.
@@ -29,8 +29,8 @@ from typing import Dict, Iterable, Optional
 import jax
 import orbax.checkpoint as ocp
 
-from lcfed_jax import engine
-from lcfed_jax.errors import UserError
+from lcfed_jax.util.errors import UserError
+
 
 def _quiet_orbax(record: logging.LogRecord) -> bool:
   """Orbax logs every step of every save at INFO through absl: keep its warnings only."""
@@ -40,7 +40,7 @@ def _quiet_orbax(record: logging.LogRecord) -> bool:
 logging.getLogger("absl").addFilter(_quiet_orbax)
 
 DIRNAME = "checkpoints"
-FORMAT = 1
+FORMAT = 2     # 2: optax per-leaf optimizer states (format 1 held one Adam state tree)
 
 
 def checkpoint_dir(workdir) -> Path:
@@ -53,18 +53,7 @@ def abstract_like(tree, sharding=None):
   return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), tree)
 
 
-def abstract_state(model, config, num_sites: int, image_shape, sharding=None, layout=None) -> engine.FedState:
-  """The FedState's structure, shapes and dtypes of `num_sites` real sites (`jax.eval_shape`
-  of init: nothing is computed), placed on the current device, or with `layout` as the
-  current mesh places a checkpoint (`SiteLayout.abstract_real`)."""
-  shapes = jax.eval_shape(lambda: engine.init_state(model, int(config.seed), num_sites, image_shape,
-                                                    bool(config.federated.same_init)))
-  if layout is not None:
-    return layout.abstract_real(shapes)
-  return abstract_like(shapes, sharding)
-
-
-def abstract_selected(abstract: engine.FedState) -> Dict:
+def abstract_selected(abstract) -> Dict:
   return {"params": abstract.params, "model_state": abstract.model_state}
 
 
@@ -73,14 +62,28 @@ def schedule_json(schedule) -> list:
            "per_site_selection": bool(s.per_site_selection)} for s, a, _ in schedule.spans()]
 
 
+def run_meta(config, run, selection_policy: str, schedule) -> Dict:
+  """The JSON item every checkpoint of a training run carries (besides its round)."""
+  return {"config": config.to_dict(), "site_names": list(run.data.site_names),
+          "method": run.method.name, "task": run.data.task, "selection_policy": selection_policy,
+          "schedule": schedule_json(schedule)}
+
+
+def check_format(meta: Dict, workdir) -> None:
+  if int(meta.get("format", 1)) != FORMAT:
+    raise UserError(f"the checkpoint in {workdir} has format {meta.get('format', 1)}; this version "
+                    f"reads format {FORMAT} (the optimizer state changed): retrain, or evaluate it "
+                    f"with the version that wrote it")
+
+
 class Checkpoints:
   """`CheckpointManager` over `WORKDIR/checkpoints` keeping the `keep` newest steps plus
   the steps that hold a selected round (`save(..., protect=...)`)."""
 
-  def __init__(self, workdir, keep: int = 2, read_only: bool = False):
+  def __init__(self, workdir, keep: int = 2, read_only: bool = False, must_exist: bool = True):
     self.dir = checkpoint_dir(workdir)
     self.keep = int(keep)
-    if read_only and not self.dir.is_dir():
+    if read_only and must_exist and not self.dir.is_dir():
       raise UserError(f"no checkpoint in workdir {str(workdir)!r}: {self.dir} does not exist "
                       f"(train there first with --mode train)")
     options = ocp.CheckpointManagerOptions(
@@ -88,7 +91,7 @@ class Checkpoints:
         enable_async_checkpointing=False, cleanup_tmp_directories=not read_only)
     self.mngr = ocp.CheckpointManager(self.dir, item_names=("state", "selected", "meta"),
                                       options=options)
-    if read_only and self.latest_step() is None:
+    if read_only and must_exist and self.latest_step() is None:
       raise UserError(f"no checkpoint in workdir {str(workdir)!r}: {self.dir} holds no saved round")
 
   def all_steps(self):
@@ -116,7 +119,7 @@ class Checkpoints:
     step = self.latest_step() if step is None else step
     return self.mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
 
-  def restore(self, step: int, abstract: engine.FedState, items=("state", "selected", "meta")) -> Dict:
+  def restore(self, step: int, abstract, items=("state", "selected", "meta")) -> Dict:
     """{item: restored} for the requested items, placed as `abstract` says."""
     args = {"meta": ocp.args.JsonRestore(),
             "state": ocp.args.StandardRestore(abstract),
@@ -132,6 +135,7 @@ def check_resumable(meta: Dict, method_name: str, site_names, schedule) -> None:
   """A workdir's checkpoint continues only the same method on the same sites, with the
   stages that already ran unchanged (the stage in progress, or the last one, may grow)."""
   where = "the checkpoint in this workdir"
+  check_format(meta, "this workdir")
   if meta.get("method") != method_name:
     raise UserError(f"{where} is of method {meta.get('method')!r}, the config asks for "
                     f"{method_name!r}: use another --workdir")

@@ -17,7 +17,7 @@ import io
 from pathlib import Path
 from typing import Dict, List, Sequence
 
-from lcfed_jax import io_utils
+from lcfed_jax.util import files as io_utils
 
 METRICS = ("iou", "dice", "assd", "hd95")
 SCALE = {"iou": 100.0, "dice": 100.0, "assd": 1.0, "hd95": 1.0}

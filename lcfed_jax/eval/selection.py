@@ -22,19 +22,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lcfed_jax import sharding as sharding_lib
+from lcfed_jax.fed import sharding as sharding_lib
 from lcfed_jax.data.types import SiteSplit
-from lcfed_jax.errors import ConfigError
-
-POLICIES = ("val", "test", "last")
-
-
-def policy(config) -> str:
-  sel = config.eval.get("selection", "val")
-  if sel not in POLICIES:
-    raise ConfigError(f"config.eval.selection={sel!r}: expected one of {POLICIES}")
-  return sel
-
+from lcfed_jax.util.errors import ConfigError
 
 def _take(split: SiteSplit, idx: np.ndarray) -> SiteSplit:
   opt = lambda a: None if a is None else a[idx]
@@ -47,8 +37,6 @@ def carve_validation(train: List[Optional[SiteSplit]], fraction: float, seed: in
   """(train without val, val) per site: `fraction` of the examples (of the volumes for
   volume tasks, so a case is never split), at least one, drawn by `seed` and the site index.
   Index order is kept inside both parts. Sites not held here (None) stay None."""
-  if not 0.0 < float(fraction) < 1.0:
-    raise ConfigError(f"config.eval.val_fraction={fraction!r}: expected a fraction in (0, 1)")
   new_train, val = [], []
   for k, split in enumerate(train):
     if split is None:
@@ -144,7 +132,7 @@ class Tracker:
       return False
     new = model_tree(state)
     old = new if self.tree is None else self.tree
-    # Padding sites past the k real ones (lcfed_jax.sharding) follow their source site k % K.
+    # Padding sites past the k real ones (lcfed_jax.fed.sharding) follow their source site k % K.
     n = jax.tree.leaves(new)[0].shape[0]
     self.tree = _select_sites(jnp.asarray(take[np.arange(n) % k]), new, old)
     for i in np.flatnonzero(take):

@@ -1,9 +1,9 @@
 """What the notebooks (`notebooks/*.ipynb`) call besides `train` and `report`.
 
 `load_config`        a task config (`configs/<task>.py:<method>`), at full size or at the
-                     tiny size CI runs (`LCFED_NOTEBOOK_TINY=1`), with a data folder.
+                     tiny size CI runs (`LCFED_NOTEBOOK_TINY=1`: `:<method>,tiny`), with a data folder.
 `checkpoint_config`  the config saved in a workdir's latest checkpoint (what `launch.py`
-                     wrote), to pass to `train.evaluate_checkpoint`.
+                     wrote), to pass to `eval_checkpoint.evaluate_checkpoint`.
 `learning_curves`    metrics.jsonl as per-site test IoU curves.
 `curves_png`, `overlays_png`  the figures a run wrote into its workdir (`lcfed_jax.plots`).
 `runtime`            the JAX devices in words.
@@ -17,29 +17,12 @@ from typing import Dict, Optional
 
 import ml_collections
 
-from lcfed_jax import io_utils, plots
-from lcfed_jax.errors import UserError
+from lcfed_jax.util import files as io_utils
+from lcfed_jax.run import plots
+from lcfed_jax.config.defaults import set_dotted
+from lcfed_jax.util.errors import UserError
 
 TINY_ENV = "LCFED_NOTEBOOK_TINY"
-
-# The size the notebooks run at in CI (seconds on a CPU once compiled): the test suite's
-# tiny model, one round of each LC-Fed stage, a few images per site.
-TINY = {
-    "image_size": 32,
-    "model.base": 4,
-    "batch_size": 2,
-    "local_steps": 2,
-    "rounds": 1,
-    "eval_every": 1,
-    "checkpoint_every": 1,
-    "lcfed.head_iters": 1,
-    "lcfed.hc_rounds": 1,
-    "ft.rounds": 1,
-    "eval.batch_size": 4,
-    "eval.selection": "last",
-    "data.train_sizes": (6, 5, 4, 5),   # synthetic only
-    "data.test_size": 3,                # synthetic only
-}
 
 
 def tiny_requested() -> bool:
@@ -47,31 +30,26 @@ def tiny_requested() -> bool:
   return os.environ.get(TINY_ENV, "0").strip().lower() in ("1", "true", "yes")
 
 
-def repo_root() -> Path:
-  return Path(__file__).resolve().parents[1]
+def _set(config, key: str, value) -> None:
+  try:
+    set_dotted(config, key, value)
+  except (AttributeError, KeyError):
+    raise UserError(f"config has no key {key!r}") from None
 
 
-def _set(config, key: str, value, only_if_present: bool = False) -> None:
-  node = config
-  parts = key.split(".")
-  for part in parts[:-1]:
-    if part not in node:
-      if only_if_present:
-        return
-      raise UserError(f"config has no key {key!r}")
-    node = node[part]
-  if only_if_present and parts[-1] not in node:
-    return
-  node[parts[-1]] = value
+def configs_dir() -> Path:
+  """The task configs: the checkout's configs/ (or the installed `configs` package)."""
+  import configs
+  return Path(configs.__file__).resolve().parent
 
 
 def load_config(task: str = "synthetic", method: str = "lcfed", data_dir: str = "", tiny: bool = False,
                 overrides: Optional[Dict] = None) -> ml_collections.ConfigDict:
-  """`configs/<task>.py`'s get_config(method), `data_dir` set for a real task, the tiny
-  size applied when `tiny`, then `overrides` ({'dotted.key': value})."""
-  path = repo_root() / "configs" / f"{task}.py"
+  """`configs/<task>.py`'s get_config('<method>[,tiny]'), `data_dir` set for a real task,
+  then `overrides` ({'dotted.key': value})."""
+  path = configs_dir() / f"{task}.py"
   if not path.exists():
-    known = sorted(p.stem for p in path.parent.glob("*.py"))
+    known = sorted(p.stem for p in path.parent.glob("*.py") if not p.stem.startswith("_"))
     raise UserError(f"no config for task {task!r}: expected one of {known}")
   if data_dir and task == "synthetic":
     raise UserError("a data folder was given for the synthetic task: set the task to the dataset's "
@@ -79,12 +57,9 @@ def load_config(task: str = "synthetic", method: str = "lcfed", data_dir: str = 
   spec = importlib.util.spec_from_file_location(f"lcfed_configs_{task}", path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
-  config = module.get_config(method)
+  config = module.get_config(method + (",tiny" if tiny else ""))
   if data_dir:
     config.data_dir = str(data_dir)
-  if tiny:
-    for key, value in TINY.items():
-      _set(config, key, value, only_if_present=key.startswith("data."))
   for key, value in (overrides or {}).items():
     _set(config, key, value)
   return config
@@ -94,7 +69,7 @@ def checkpoint_config(workdir, data_dir: str = "", overrides: Optional[Dict] = N
                       ) -> ml_collections.ConfigDict:
   """The config stored in the latest checkpoint of `workdir` (model, method, data, eval
   settings), with `data_dir` replaced when given, then `overrides`."""
-  from lcfed_jax import checkpoints
+  from lcfed_jax.run import checkpoints
   ckpts = checkpoints.Checkpoints(workdir, read_only=True)
   try:
     config = ml_collections.ConfigDict(ckpts.read_meta()["config"])

@@ -13,10 +13,8 @@ from typing import Dict, Mapping
 
 import numpy as np
 
-from lcfed_jax import metrics, sharding
-
-METRICS = ("iou", "dice", "assd", "hd95")
-
+from lcfed_jax.eval import metrics
+from lcfed_jax.fed import sharding
 
 def trivial_baselines(data) -> Dict[str, float]:
   """Mean IoU over sites of predicting all foreground and all background (each process
@@ -33,7 +31,7 @@ def trivial_baselines(data) -> Dict[str, float]:
 
 
 def postprocess_name(data, config) -> str:
-  if data.postprocess == "largest_component" and config.eval.get("lcc_official", False):
+  if data.postprocess == "largest_component" and config.eval.lcc_official:
     return "largest_component_official"
   return data.postprocess
 
@@ -48,8 +46,8 @@ def score_predictions(preds: Mapping[int, np.ndarray], splits, data, config) -> 
     local[k] = metrics.evaluate_site(
         pred[:len(split)], split.masks, unit=data.eval_unit, volume_ids=split.volume_ids,
         slice_index=split.slice_index, postprocess=postprocess_name(data, config),
-        empty_policy=config.eval.get("empty_policy", "strict"),
-        sort_slices=config.eval.get("sort_slices", True))["mean"]
+        empty_policy=config.eval.empty_policy,
+        sort_slices=config.eval.sort_slices)["mean"]
   means = sharding.merge_sites(local)
   missing = [data.site_names[k] for k in range(data.num_sites) if k not in means]
   if missing:

@@ -1,4 +1,5 @@
-"""Adam with per-leaf freezing that matches PyTorch >= 2.0.
+"""Reference for tests: the project's earlier hand-written Adam with per-leaf freezing
+(PyTorch >= 2.0 semantics), kept to check the optax-based `lcfed_jax.fed.optim` against.
 
 In the official code the "frozen" half of a FedRep phase has `requires_grad=False`, so
 on PyTorch >= 2.0 its gradient is None and `Adam.step` skips it: its parameters, both

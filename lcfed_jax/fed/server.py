@@ -2,7 +2,11 @@
 
 `aggregate` replaces every shared leaf by the weighted mean over sites (broadcast back
 to every site) and leaves personal leaves alone. `fourier_aggregate` is PRR-FL's
-progressive Fourier aggregation of conv kernels (spec section 9).
+progressive Fourier aggregation of conv kernels: in the centred amplitude spectrum of
+each kernel (viewed as a matrix), a low-frequency window that grows with the round gets
+the sites' mean amplitude, while every site keeps its own phase and high frequencies.
+A method names its server step from `STEPS` through `step(name, **settings)`, which
+binds the settings (PRR-FL's schedule) when the method's record is built.
 
 With `axis_name` (the engine's `shard_map` over the mesh axis 'sites') the arrays are
 one device's block of sites and the sums over sites are completed by a `psum`; a
@@ -10,8 +14,14 @@ zero-weight (padding) site never enters a sum, whatever its values.
 """
 from __future__ import annotations
 
+import dataclasses
+import functools
+from typing import Callable
+
 import jax
 import jax.numpy as jnp
+
+from lcfed_jax.util.errors import ConfigError
 
 
 def site_sum(x, weights, axis_name=None):
@@ -77,7 +87,7 @@ def fourier_aggregate(tree, shared_mask, weights, fraction, official_divisor=Fal
 
   `weights` are the per-site weights (1 for real sites, 0 for padding); the mean
   amplitude divides by the number of real sites, or by 4 with `official_divisor`
-  (the released helper's hard-coded client count, spec E4).
+  (the released helper's hard-coded client count).
   """
   total = lambda v: jax.lax.psum(jnp.sum(v), axis_name) if axis_name is not None else jnp.sum(v)
   real = (weights > 0).astype(jnp.float32)
@@ -94,3 +104,42 @@ def fourier_aggregate(tree, shared_mask, weights, fraction, official_divisor=Fal
       return jnp.where(real.reshape((-1,) + (1,) * 4) > 0, out, x)
     return jnp.broadcast_to(weighted_mean(x, mean_w, axis_name)[None], x.shape)
   return jax.tree.map(leaf, tree, shared_mask)
+
+
+def _mean_step(tree, shared, weights, round_index, axis_name=None):
+  return aggregate(tree, shared, weights, axis_name=axis_name)
+
+
+def _fourier_step(tree, shared, weights, round_index, axis_name=None, *, l0, slope, period, cap,
+                  official_divisor):
+  frac = prrfl_fraction(round_index, l0, slope, period, cap)
+  return fourier_aggregate(tree, shared, weights, frac, official_divisor, axis_name=axis_name)
+
+
+def _no_step(tree, shared, weights, round_index, axis_name=None):
+  return tree
+
+
+# name -> (function, the settings it takes, whether it averages anything)
+STEPS = {
+    "mean": (_mean_step, (), True),
+    "fourier": (_fourier_step, ("l0", "slope", "period", "cap", "official_divisor"), True),
+    "none": (_no_step, (), False),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Step:
+  """`fn(tree, shared_mask, weights, round_index, axis_name) -> tree`."""
+  name: str
+  fn: Callable
+  averages: bool
+
+
+def step(name: str, **settings) -> Step:
+  if name not in STEPS:
+    raise ConfigError(f"server step {name!r}: expected one of {sorted(STEPS)}")
+  fn, keys, averages = STEPS[name]
+  if set(settings) != set(keys):
+    raise ConfigError(f"server step {name!r} takes the settings {list(keys)}, got {sorted(settings)}")
+  return Step(name, functools.partial(fn, **settings) if settings else fn, averages)

@@ -1,0 +1,219 @@
+"""`train_and_evaluate(config, workdir)`: the whole experiment, stage after stage.
+
+Training resumes: if WORKDIR/checkpoints holds a round of the same experiment
+(`lcfed_jax.run.workdir` refuses another one), the state, the model selected so far and
+the schedule position are restored from it, metrics.jsonl is cut back to that round, and
+the loop goes on from `state.round`; the round keys fold in the round, so the run ends
+exactly as an uninterrupted one. Checkpoints are saved every `checkpoint_every` rounds,
+at the end of every stage and at every round that changes the selected model. At the end
+the selected model is evaluated on every site's test split into results.md/csv/json and
+the figures are drawn.
+
+A round whose loss or parameters are not finite at some site stops the run (exit 2)
+before anything of that round is evaluated, selected or saved: the latest checkpoint
+stays the last finite round.
+
+The site axis is sharded over the mesh of `config.mesh`, padded with weightless sites
+when the site count does not divide the device count; losses, metrics, selection,
+reports, returned states and checkpoints hold the real sites only. On several hosts
+every process runs this same loop and only process 0 writes files other than checkpoints.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Callable, Dict, List
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+
+from lcfed_jax.config.validate import validate
+from lcfed_jax.data.tasks import site_names as task_site_names
+from lcfed_jax.eval import evaluate as evaluation, selection
+from lcfed_jax.fed import sharding
+from lcfed_jax.fed.methods import Stage
+from lcfed_jax.run import checkpoints as ckpt_lib, plots, progress, report, workdir as workdir_lib
+from lcfed_jax.run.runner import Run, result_record, site_weights, split_sizes
+from lcfed_jax.run.tensorboard import open_board
+from lcfed_jax.util import files
+from lcfed_jax.util.errors import UserError
+
+
+class DivergenceError(UserError):
+  """A round produced a non-finite loss or parameters."""
+
+
+@dataclasses.dataclass
+class Schedule:
+  """Stages laid end to end on one global round counter (what a checkpoint stores)."""
+  stages: List[Stage]
+
+  @property
+  def total(self) -> int:
+    return sum(s.rounds for s in self.stages)
+
+  def spans(self):
+    start = 0
+    for s in self.stages:
+      yield s, start, start + s.rounds
+      start += s.rounds
+
+  def stage_at(self, completed_rounds: int) -> Stage:
+    """The stage whose output evaluation should read after `completed_rounds` rounds."""
+    last = self.stages[0]
+    for s, a, b in self.spans():
+      if s.rounds and a < completed_rounds <= b:
+        return s
+      if s.rounds and b <= completed_rounds:
+        last = s
+    return last
+
+
+def _cut_metrics(path: Path, last_round: int) -> List[Dict]:
+  """Keeps the records of rounds <= last_round (a resume replays the rest)."""
+  records = files.read_jsonl(path)
+  kept = [r for r in records if int(r["round"]) <= last_round]
+  if (len(kept) != len(records) or not path.exists()) and sharding.is_main_process():
+    files.atomic_write_text(path, "".join(
+        json.dumps(r, sort_keys=True, default=files.jsonable) + "\n" for r in kept))
+  return kept
+
+
+def _previous_meta(workdir: Path):
+  if not ckpt_lib.checkpoint_dir(workdir).is_dir():
+    return None
+  ckpts = ckpt_lib.Checkpoints(workdir, read_only=True, must_exist=False)
+  try:
+    step = ckpts.latest_step()
+    return None if step is None else ckpts.read_meta(step)
+  finally:
+    ckpts.close()
+
+
+def train_and_evaluate(config, workdir: str, log: Callable[[str], None] = logging.info) -> Dict:
+  validate(config)
+  workdir = Path(workdir)
+  main_process = sharding.is_main_process()
+  meta_before = _previous_meta(workdir)
+  if meta_before is not None and bool(config.resume):
+    names = task_site_names(config)
+    if list(meta_before.get("site_names", [])) != list(names):
+      raise UserError(f"--workdir {workdir} holds a run on the sites {meta_before.get('site_names')}; "
+                      f"the config's data has {names}: use another --workdir")
+  if main_process:
+    workdir_lib.claim(workdir, config, meta_before, log)
+  sharding.barrier("workdir")
+
+  run = Run(config, log)
+  data, k, layout, exp = run.data, run.k, run.layout, run.exp
+  schedule = Schedule(list(exp.stages))
+  policy = config.eval.selection
+  train_splits, val_splits, train_sizes = data.train, None, run.train_sizes
+  if policy == "val":
+    train_splits, val_splits = selection.carve_validation(data.train, float(config.eval.val_fraction),
+                                                          int(config.seed))
+    train_sizes = split_sizes(train_splits)
+    log(f"selection: validation split of {split_sizes(val_splits)} examples carved from training "
+        f"(train now {train_sizes})")
+  else:
+    log(f"selection: {policy}")
+  trivial = evaluation.trivial_baselines(data)
+  log(f"reference: all-foreground mean IoU {trivial['all_foreground']:.4f}, "
+      f"all-background mean IoU {trivial['all_background']:.4f}")
+
+  host_state = jax.tree.map(np.asarray, exp.init_state())
+  state = layout.pad_host_tree(host_state)        # every site (and padding) on its device
+  weights = layout.weights(site_weights(config, train_sizes))
+  train_arrays = run.stack(train_splits)
+  val_arrays = run.stack(val_splits, pad_multiple=run.eval_batch) if val_splits else None
+  log(f"method={exp.method.name} backend={jax.default_backend()} conv={exp.model.impl} "
+      f"dtype={jnp.dtype(exp.model.dtype).name} stages={[(s.name, s.rounds) for s in schedule.stages]}")
+
+  ckpts = ckpt_lib.Checkpoints(workdir, int(config.checkpoint.keep))
+  tracker = selection.Tracker(policy, data.site_names)
+  meta = ckpt_lib.run_meta(config, run, policy, schedule)
+  latest = ckpts.latest_step() if bool(config.resume) else None
+  if latest is not None:
+    saved = ckpts.read_meta(latest)
+    ckpt_lib.check_resumable(saved, exp.method.name, data.site_names, schedule)
+    abstract = layout.abstract_real(jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype),
+                                                 host_state))
+    restored = ckpts.restore(latest, abstract, items=("state", "selected"))
+    state = layout.pad(restored["state"])
+    if saved["has_selection"]:
+      tracker.load_json(saved["selection"], layout.pad(restored["selected"]))
+    log(f"resumed from {ckpts.dir / str(latest)} (round {int(state.round)}/{schedule.total})")
+  start_round = int(state.round)
+  metrics_path = workdir / "metrics.jsonl"
+  history = _cut_metrics(metrics_path, start_round)
+  board = open_board(workdir, start_round, bool(config.log.tensorboard) and main_process)
+
+  def save(done: int, improved: bool = False):
+    tree = tracker.tree if tracker.has_selection else selection.model_tree(state)
+    ckpts.save(done, layout.strip(state), layout.strip(tree),
+               dict(meta, has_selection=tracker.has_selection, selection=tracker.to_json()),
+               protect=tracker.selected_steps() | ({done} if improved else set()))
+
+  bar = progress.Progress(schedule.total, log)
+  try:
+    for stage, a, b in schedule.spans():
+      if b <= start_round or stage.rounds == 0:
+        continue
+      round_fn = exp.round_fn(stage)
+      predict = run.predictor(stage.output)
+      bar.stage(stage.name, max(a, start_round))
+      for r in range(max(a, start_round), b):
+        bar.start()
+        state, losses, finite = round_fn(state, train_arrays, weights)
+        losses, finite = sharding.to_host((losses, finite))
+        losses, finite = losses[:k], finite[:k]
+        done = r + 1
+        if not finite.all():
+          bad = [data.site_names[i] for i in np.flatnonzero(~finite)]
+          raise DivergenceError(
+              f"round {done} (stage {stage.name}): the loss or parameters of site(s) {bad} are not "
+              f"finite (NaN/inf); the run stopped before evaluating or saving this round, and the "
+              f"latest checkpoint (round {ckpts.latest_step()}) is the last finite one. Lower "
+              f"--config.learning_rate (now {config.learning_rate}) or check the data of those sites")
+        bar.done(done, stage.name, losses)
+        improved = False
+        if done % int(config.eval_every) == 0 or done == b:
+          result = evaluation.evaluate(predict, state, run.test_arrays, data.test, data, config)
+          record = {"round": done, "stage": stage.name, "loss": losses.tolist(), **result}
+          on = result
+          if val_arrays is not None:
+            record["val"] = evaluation.evaluate(predict, state, val_arrays, val_splits, data, config)
+            on = record["val"]
+          improved = tracker.update(state, done, [on["sites"][s]["iou"] for s in data.site_names],
+                                    stage.output, stage.per_site_selection)
+          record["selection"] = tracker.to_json()
+          if main_process:
+            files.append_jsonl(metrics_path, record)
+            if board is not None:
+              board.record(record, data.site_names)
+          history.append(record)
+          log(evaluation.format_line(record, data.site_names) +
+              (f" | val mean IoU {record['val']['mean']['iou']:.4f}" if val_arrays is not None else "") +
+              (" | selected" if improved else ""))
+        if done % int(config.checkpoint_every) == 0 or done == b or (improved and policy != "last"):
+          save(done, improved)
+  finally:
+    ckpts.close()
+
+  if not tracker.has_selection:     # nothing was evaluated (a schedule of zero rounds)
+    tracker.update(state, int(state.round), np.zeros(k), schedule.stage_at(int(state.round)).output, False)
+  sel = tracker.to_json()
+  scores, out = run.evaluate_selected(tracker.tree, tracker.outputs)
+  final = result_record(run, scores, sel, policy, "best")
+  log(f"selected ({policy}): " + report.selected_rounds_text(final))
+  run.write_outputs(workdir, final, tracker.tree, out, tracker.outputs, "results", board)
+  if run.plots and history and main_process:
+    plots.iou_curves(history, data.site_names, workdir / "iou_curves.png", sel["site_rounds"],
+                     title=f"{exp.method.name}: test IoU per site (selection: {policy})")
+  if board is not None:
+    board.close()
+  return {"history": history, "state": layout.strip(state), "data": data,
+          "selected": layout.strip(tracker.tree), "result": final}

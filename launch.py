@@ -24,6 +24,7 @@ flags.DEFINE_bool("multihost", False, "Several processes (one per host): jax.dis
                   "first; the same as --config.mesh.multihost=True.")
 flags.DEFINE_string("methods", "", "--mode sweep: comma-separated methods (default: the config's).")
 flags.DEFINE_string("seeds", "", "--mode sweep: comma-separated seeds (default: the config's seed).")
+flags.DEFINE_string("note", "", "--mode sweep: a note put before the protocol line of results.md.")
 FLAGS = flags.FLAGS
 
 
@@ -94,7 +95,7 @@ def main(argv):
       evaluate_checkpoint(config, FLAGS.workdir)
     else:
       from lcfed_jax.run.sweep import run_sweep
-      run_sweep(config, FLAGS.workdir, FLAGS.methods, FLAGS.seeds)
+      run_sweep(config, FLAGS.workdir, FLAGS.methods, FLAGS.seeds, FLAGS.note)
   except UserError as e:
     _fail(str(e))
   return 0

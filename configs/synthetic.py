@@ -29,6 +29,10 @@ def get_config(arg: str = ""):
   c.lcfed.head_iters = 2        # the paper's 10 of 50, scaled
   c.fedrep.head_iters = 2
   c.lcfed.hc_rounds = 10
+  # HC trains at the paper's 1e-3 here. Measured on this task (2026-12-02, seed 0): HC
+  # lifts mean test IoU from 0.406 after stage A to 0.708 in its 10 rounds at 1e-3 (0.724
+  # at 1e-2). With the official PyTorch init of HC's conv this converges; the 20x larger
+  # Kaiming init used before needed 1e-2.
   c.ft.rounds = 10
   c.fedbabu.ft_rounds = 10
   return apply_tiny(c) if a.tiny else c

@@ -9,11 +9,12 @@ means are gathered, so every process holds the same summary.
 """
 from __future__ import annotations
 
-from typing import Dict, Mapping
+from typing import Dict, List, Mapping
 
 import numpy as np
 
 from lcfed_jax.eval import metrics
+from lcfed_jax.data.types import SiteSplit
 from lcfed_jax.fed import sharding
 
 def trivial_baselines(data) -> Dict[str, float]:
@@ -62,9 +63,31 @@ def local_predictions(out: Dict, data, keys=("pred",)) -> Dict[str, Dict[int, np
   return {key: sharding.local_rows(out[key], range(data.num_sites)) for key in keys}
 
 
-def evaluate(predict_fn, state, arrays, splits, data, config) -> Dict:
+def evaluate(predict_fn, state, arrays, parts, data, config) -> List[Dict]:
+  """Scores of every part of `arrays` from one prediction: `parts` lists the per-site
+  splits that were concatenated (in order) into each site's rows of `arrays`
+  (`concat_splits`), so test and validation share one compiled predictor."""
   out = predict_fn(state.params, state.model_state, arrays.images)
-  return score_predictions(local_predictions(out, data)["pred"], splits, data, config)
+  rows = local_predictions(out, data)["pred"]
+  results, offset = [], {k: 0 for k in rows}
+  for splits in parts:
+    part = {k: r[offset[k]:offset[k] + len(splits[k])] for k, r in rows.items()}
+    results.append(score_predictions(part, splits, data, config))
+    offset = {k: offset[k] + len(splits[k]) for k in rows}
+  return results
+
+
+def concat_splits(*parts):
+  """Per site, the concatenation of the sites' splits of every part (None stays None)."""
+  out = []
+  for splits in zip(*parts):
+    if splits[0] is None:
+      out.append(None)
+      continue
+    cat = lambda f: None if getattr(splits[0], f) is None else np.concatenate([getattr(s, f) for s in splits])
+    out.append(SiteSplit(cat("images"), cat("masks"), [n for s in splits for n in s.names],
+                         cat("volume_ids"), cat("slice_index")))
+  return out
 
 
 def format_line(record, site_names) -> str:

@@ -52,24 +52,29 @@ def init_state(model, optimizer, seed: int, num_sites: int, image_shape, same_in
   """Independent init per site (as the official code), or one init copied to all sites;
   leaves matching the `synced` patterns start as site 0's draw everywhere.
 
-  The unmapped init is compiled once and run per site: a vmapped init compiles
-  several times slower and runs once per experiment.
+  One unmapped init is compiled and run per site (a vmapped init compiles several times
+  slower), with the non-partitionable threefry, which XLA:CPU compiles about 2.5x faster
+  for the model's many initializer shapes (the init runs once per experiment).
   """
   root = jax.random.PRNGKey(seed)
   init_key, data_key = jax.random.split(root)
   x = jnp.zeros((1,) + tuple(image_shape), jnp.float32)
-  init = jax.jit(lambda k: model.init(k, x, 0, train=False))
   keys = jax.random.split(init_key, num_sites)
-  per_site = [init(keys[0] if same_init else keys[i]) for i in range(num_sites)]
-  variables = jax.tree.map(lambda *a: jnp.stack(a), *per_site)
-  if synced:
-    mask = partition.match_mask(variables, synced)
-    variables = jax.tree.map(lambda a, m: jnp.broadcast_to(a[:1], a.shape) if m else a, variables, mask)
-  params = variables["params"]
-  model_state = {k: v for k, v in variables.items() if k != "params"}
-  opt_state = jax.vmap(optimizer.init)(params)
-  return FedState(params=params, model_state=model_state, opt_state=opt_state,
-                  rng=jax.random.split(data_key, num_sites), round=jnp.zeros([], jnp.int32))
+  with jax.threefry_partitionable(False):
+    init = jax.jit(lambda k: model.init(k, x, 0, train=False))
+    per_site = [init(keys[0] if same_init else keys[i]) for i in range(num_sites)]
+
+  @jax.jit
+  def assemble(per_site, data_key):   # one program, not one per leaf shape
+    variables = jax.tree.map(lambda *a: jnp.stack(a), *per_site)
+    if synced:
+      mask = partition.match_mask(variables, synced)
+      variables = jax.tree.map(lambda a, m: jnp.broadcast_to(a[:1], a.shape) if m else a, variables, mask)
+    params = variables["params"]
+    return FedState(params=params, model_state={k: v for k, v in variables.items() if k != "params"},
+                    opt_state=jax.vmap(optimizer.init)(params),
+                    rng=jax.random.split(data_key, num_sites), round=jnp.zeros([], jnp.int32))
+  return assemble(per_site, data_key)
 
 
 def unstacked(tree):

@@ -91,6 +91,10 @@ class Experiment:
                                                  self.num_sites, self.layout)
     return self._rounds[stage]
 
+  def use_compiled_predictor(self, output: str, eval_batch: int, compiled) -> None:
+    """A predictor compiled ahead of time for one input shape (training's eval arrays)."""
+    self._predictors[(output, int(eval_batch))] = compiled
+
   def predict_fn(self, output: str, eval_batch: int):
     key = (output, int(eval_batch))
     if key not in self._predictors:

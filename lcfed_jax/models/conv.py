@@ -228,7 +228,7 @@ def site_conv(x: jax.Array, w: jax.Array, impl: str = "unroll") -> jax.Array:
 
 
 # The implementation measured fastest on each backend (bench/README.md).
-DEFAULTS = {"cpu": "unroll", "gpu": "unroll", "tpu": "unroll"}
+DEFAULTS = {"cpu": "map", "gpu": "unroll", "tpu": "unroll"}
 
 
 def default_impl(backend: str) -> str:

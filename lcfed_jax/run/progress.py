@@ -1,9 +1,10 @@
-"""Round log lines: rate and ETA from steady rounds only, 'compiling...' while a stage's
-first round compiles, and a one-line progress bar when stdout is a terminal.
+"""Round log lines: rate and ETA from steady rounds only, and a one-line progress bar
+when stdout is a terminal.
 
-The first round of every stage includes compiling its program (seconds to minutes), so
-it is reported as such and kept out of the rate; the ETA is the remaining rounds times
-the median of the steady rounds of the current stage.
+Training compiles its programs before the first round and says so ('compiling N
+programs...'); the first round of every stage still pays one-off costs (first-touch
+allocations, a program that had to compile late), so it is kept out of the rate. The
+ETA is the remaining rounds times the median of the current stage's steady rounds.
 """
 from __future__ import annotations
 
@@ -27,9 +28,9 @@ class Progress:
     self.t_call = None
 
   def stage(self, name: str, first_round: int) -> None:
-    """A new stage: its first round compiles."""
+    """A new stage: its first round is kept out of the rate (it may compile)."""
     self.first, self.steady = True, []
-    self.log(f"stage {name}: compiling its round (round {first_round + 1}/{self.total})...")
+    self.log(f"stage {name}: from round {first_round + 1}/{self.total}")
 
   def start(self) -> None:
     self.t_call = time.perf_counter()
@@ -40,7 +41,7 @@ class Progress:
     head = f"round {done}/{self.total} [{stage}] loss {loss}"
     if self.first:
       self.first = False
-      self.log(f"{head} | compiled and ran in {seconds:.1f}s, ETA after the next round")
+      self.log(f"{head} | first round of the stage in {seconds:.1f}s, ETA after the next round")
     else:
       self.steady.append(seconds)
       per = statistics.median(self.steady[-20:])

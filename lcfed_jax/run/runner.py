@@ -66,7 +66,9 @@ class Run:
     self.exp = setup.build(config, self.k, data.in_channels, data.num_classes, image_shape, self.layout)
     self.method, self.model = self.exp.method, self.exp.model
     self.eval_batch = int(config.eval.batch_size)
-    self.test_arrays = self.stack(data.test, pad_multiple=self.eval_batch)
+    # What predictions are made on: every site's test split first (training appends its
+    # validation split, so one compiled predictor serves both).
+    self.eval_arrays = self.stack(data.test, pad_multiple=self.eval_batch)
 
   def stack(self, splits, pad_multiple: int = 1):
     """Site-sharded arrays of per-site splits, padded with the layout's empty sites."""
@@ -84,7 +86,7 @@ class Run:
     sites) of a {'params','model_state'} tree."""
     # HC peak maps leave the device only for the overlay figure.
     keys = ("pred", "peaks") if self.method.model.hc and self.plots else ("pred",)
-    out = selection.predict_selected(self.predictor, tree, site_outputs, self.test_arrays.images,
+    out = selection.predict_selected(self.predictor, tree, site_outputs, self.eval_arrays.images,
                                      self.k, keys)
     return evaluation.score_predictions(out["pred"], self.data.test, self.data, self.config), out
 
@@ -95,7 +97,7 @@ class Run:
     peaks = None
     if self.method.model.hc:   # the heads' disagreement peaks, whichever output was selected
       peaks = (out["peaks"] if all(o == "hc" for o in site_outputs) else evaluation.local_predictions(
-          self.predictor("hc")(tree["params"], tree["model_state"], self.test_arrays.images),
+          self.predictor("hc")(tree["params"], tree["model_state"], self.eval_arrays.images),
           self.data, ("peaks",))["peaks"])
     local = {k: (s.images[:n], s.masks[:n], out["pred"][k][:n], None if peaks is None else peaks[k][:n])
              for k, s in enumerate(self.data.test) if s is not None}

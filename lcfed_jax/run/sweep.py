@@ -101,7 +101,23 @@ def plan(config, workdir, methods_text: str, seeds_text: str):
   return runs
 
 
-def run_sweep(config, workdir, methods_text: str = "", seeds_text: str = "",
+def protocol_line(config, runs, note: str = "") -> str:
+  """Size, rounds, local steps, seeds, device and wall time of a sweep (from its runs)."""
+  timings = [json.loads((Path(wd) / "timing.json").read_text()) for _, _, wd in runs
+             if (Path(wd) / "timing.json").exists()]
+  wall = sum(t["wall_s"] for t in timings)
+  devices = sorted({t["device"] for t in timings})
+  seeds = sorted({seed for _, seed, _ in runs})
+  c = config
+  text = (f"Protocol: {c.image_size} px, U-Net base {c.model.base}, {c.rounds} rounds of {c.local_steps} local "
+          f"steps (batch {c.batch_size}, {c.optimizer.name} {c.learning_rate:g}), LC-Fed +{c.lcfed.hc_rounds} HC "
+          f"rounds, FT +{c.ft.rounds} rounds, evaluation every {c.eval_every} rounds, selection "
+          f"'{c.eval.selection}', seeds {seeds}; {', '.join(devices) or '?'}; wall time "
+          f"{progress.fmt_eta(wall)} for {len(timings)} runs.")
+  return f"**{note}** {text}" if note else text
+
+
+def run_sweep(config, workdir, methods_text: str = "", seeds_text: str = "", note: str = "",
               log: Callable[[str], None] = logging.info) -> Dict:
   from lcfed_jax.run.train import train_and_evaluate
   workdir = Path(workdir)
@@ -117,7 +133,8 @@ def run_sweep(config, workdir, methods_text: str = "", seeds_text: str = "",
     eta = progress.fmt_eta(np.mean(times) * (len(todo) - i - 1))
     log(f"sweep: {len(runs) - len(todo) + i + 1}/{len(runs)} runs done ({label} seed {seed}: mean IoU "
         f"{out['result']['mean']['iou']:.4f} in {times[-1]:.0f}s), ETA {eta}")
-  return write_summary(workdir, [(label, seed, wd) for label, seed, _, wd in runs], log)
+  done = [(label, seed, wd) for label, seed, _, wd in runs]
+  return write_summary(workdir, done, log, protocol_line(config, done, note))
 
 
 # ------------------------------------------------------------------ the summary

@@ -20,8 +20,11 @@ every process runs this same loop and only process 0 writes files other than che
 """
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import json
+import os
+import time
 from pathlib import Path
 from typing import Callable, Dict, List
 
@@ -35,7 +38,7 @@ from lcfed_jax.data.tasks import site_names as task_site_names
 from lcfed_jax.eval import evaluate as evaluation, selection
 from lcfed_jax.fed import sharding
 from lcfed_jax.fed.methods import Stage
-from lcfed_jax.run import checkpoints as ckpt_lib, plots, progress, report, workdir as workdir_lib
+from lcfed_jax.run import checkpoints as ckpt_lib, plots, progress, report, runtime, workdir as workdir_lib
 from lcfed_jax.run.runner import Run, result_record, site_weights, split_sizes
 from lcfed_jax.run.tensorboard import open_board
 from lcfed_jax.util import files
@@ -82,6 +85,28 @@ def _cut_metrics(path: Path, last_round: int) -> List[Dict]:
   return kept
 
 
+def _compile_ahead(run: Run, schedule, start_round: int, state, train_arrays, weights, log) -> Dict:
+  """Every round program the run still needs and every predictor it will evaluate with,
+  lowered here and compiled in parallel threads (XLA compiles without the GIL, one
+  program per core), so that no stage waits for its own compilation. Returns the rounds."""
+  exp = run.exp
+  stages = [s for s, a, b in schedule.spans() if b > start_round and s.rounds]
+  outputs = sorted({s.output for s in stages} | ({"hc"} if exp.method.model.hc and run.plots else set()))
+  t0, jobs = time.time(), {}
+  for stage in stages:
+    jobs[stage] = exp.round_fn(stage).lower(state, train_arrays, weights)
+  for out in outputs:
+    jobs[out] = run.predictor(out).lower(state.params, state.model_state, run.eval_arrays.images)
+  workers = max(1, min(len(jobs), os.cpu_count() or 1))
+  log(f"compiling {len(jobs)} programs ({len(stages)} rounds, {len(outputs)} predictors) on {workers} threads...")
+  with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+    done = {key: fut.result() for key, fut in {k: pool.submit(lo.compile) for k, lo in jobs.items()}.items()}
+  for out in outputs:
+    exp.use_compiled_predictor(out, run.eval_batch, done[out])
+  log(f"compiled in {time.time() - t0:.1f}s")
+  return {stage: done[stage] for stage in stages}
+
+
 def _previous_meta(workdir: Path):
   if not ckpt_lib.checkpoint_dir(workdir).is_dir():
     return None
@@ -94,6 +119,8 @@ def _previous_meta(workdir: Path):
 
 
 def train_and_evaluate(config, workdir: str, log: Callable[[str], None] = logging.info) -> Dict:
+  runtime.track_compiles()
+  t_begin, t_perf = time.time(), time.perf_counter()
   validate(config)
   workdir = Path(workdir)
   main_process = sharding.is_main_process()
@@ -128,7 +155,9 @@ def train_and_evaluate(config, workdir: str, log: Callable[[str], None] = loggin
   state = layout.pad_host_tree(host_state)        # every site (and padding) on its device
   weights = layout.weights(site_weights(config, train_sizes))
   train_arrays = run.stack(train_splits)
-  val_arrays = run.stack(val_splits, pad_multiple=run.eval_batch) if val_splits else None
+  parts = [data.test] + ([val_splits] if val_splits else [])
+  if val_splits:   # test rows first: the final evaluation reads them from the same arrays
+    run.eval_arrays = run.stack(evaluation.concat_splits(data.test, val_splits), pad_multiple=run.eval_batch)
   log(f"method={exp.method.name} backend={jax.default_backend()} conv={exp.model.impl} "
       f"dtype={jnp.dtype(exp.model.dtype).name} stages={[(s.name, s.rounds) for s in schedule.stages]}")
 
@@ -158,11 +187,12 @@ def train_and_evaluate(config, workdir: str, log: Callable[[str], None] = loggin
                protect=tracker.selected_steps() | ({done} if improved else set()))
 
   bar = progress.Progress(schedule.total, log)
+  rounds = _compile_ahead(run, schedule, start_round, state, train_arrays, weights, log)
   try:
     for stage, a, b in schedule.spans():
       if b <= start_round or stage.rounds == 0:
         continue
-      round_fn = exp.round_fn(stage)
+      round_fn = rounds[stage]
       predict = run.predictor(stage.output)
       bar.stage(stage.name, max(a, start_round))
       for r in range(max(a, start_round), b):
@@ -181,12 +211,11 @@ def train_and_evaluate(config, workdir: str, log: Callable[[str], None] = loggin
         bar.done(done, stage.name, losses)
         improved = False
         if done % int(config.eval_every) == 0 or done == b:
-          result = evaluation.evaluate(predict, state, run.test_arrays, data.test, data, config)
-          record = {"round": done, "stage": stage.name, "loss": losses.tolist(), **result}
-          on = result
-          if val_arrays is not None:
-            record["val"] = evaluation.evaluate(predict, state, val_arrays, val_splits, data, config)
-            on = record["val"]
+          scores = evaluation.evaluate(predict, state, run.eval_arrays, parts, data, config)
+          record = {"round": done, "stage": stage.name, "loss": losses.tolist(), **scores[0]}
+          on = scores[0]
+          if val_splits:
+            record["val"] = on = scores[1]
           improved = tracker.update(state, done, [on["sites"][s]["iou"] for s in data.site_names],
                                     stage.output, stage.per_site_selection)
           record["selection"] = tracker.to_json()
@@ -196,7 +225,7 @@ def train_and_evaluate(config, workdir: str, log: Callable[[str], None] = loggin
               board.record(record, data.site_names)
           history.append(record)
           log(evaluation.format_line(record, data.site_names) +
-              (f" | val mean IoU {record['val']['mean']['iou']:.4f}" if val_arrays is not None else "") +
+              (f" | val mean IoU {record['val']['mean']['iou']:.4f}" if val_splits else "") +
               (" | selected" if improved else ""))
         if done % int(config.checkpoint_every) == 0 or done == b or (improved and policy != "last"):
           save(done, improved)
@@ -215,5 +244,13 @@ def train_and_evaluate(config, workdir: str, log: Callable[[str], None] = loggin
                      title=f"{exp.method.name}: test IoU per site (selection: {policy})")
   if board is not None:
     board.close()
+  c = runtime.compile_seconds(t_perf)
+  wall = time.time() - t_begin
+  log(f"done in {wall:.1f}s, of which {c['wall']:.1f}s tracing, lowering and compiling "
+      f"programs ({c['work']:.1f}s of compile work over parallel threads)")
+  if main_process:   # how long this invocation took, beside the scores
+    files.atomic_write_json(workdir / "timing.json", {
+        "wall_s": round(wall, 1), "compile_wall_s": round(c["wall"], 1), "rounds_run": schedule.total - start_round,
+        "device": runtime.device_name(), "jax": jax.__version__})
   return {"history": history, "state": layout.strip(state), "data": data,
           "selected": layout.strip(tracker.tree), "result": final}

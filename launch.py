@@ -53,15 +53,23 @@ def parse_flags(argv):
   if "--config" in argv[:-1]:
     i = argv.index("--config") + 1
     argv[i] = _installed_config(argv[i])
+  path = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
+  if path is None and "--config" in argv[:-1]:
+    path = argv[argv.index("--config") + 1]
+  if path is not None and not os.path.isfile(path.partition(":")[0]):
+    _fail(f"--config {path}: no such file (expected configs/<task>.py[:<method>], task one of "
+          f"synthetic, polyp, fundus, prostate, faz)")
   try:
     rest = FLAGS(argv)
+    if FLAGS.config is not None:   # the config file is loaded (and overridden) on first access
+      FLAGS.config.get("method")
   except flags.Error as e:
     _fail(str(e).replace("\n", " "))
   except (OSError, SyntaxError) as e:   # the config file: missing, unreadable, broken
     cause = e.__cause__ or e
     _fail(f"--config: {str(cause).splitlines()[0]} ({' '.join(str(e).split())[:300]})")
   except (AttributeError, KeyError, TypeError, ValueError) as e:   # --config.<key> overrides
-    text = str(e.args[0] if e.args else e).strip("'\"").replace("\\n", " ").replace("\n", " ")
+    text = " ".join(str(e.args[0] if e.args else e).replace("\\'", "'").split()).strip("'\"")
     bad = [a for a in argv if a.startswith("--config.")]
     _fail(f"{' '.join(bad) or '--config'}: {text}")
   except Exception as e:   # noqa: BLE001 - a user error raised inside get_config()

@@ -134,6 +134,21 @@ def site_configs(config) -> List[common.SiteConfig]:
                             options=opts(s)) for s in sites]
 
 
+def _check_writable_dir(path: str) -> None:
+  """The prepared-data folder must be a directory this process can write (builds go there)."""
+  p = Path(path)
+  if p.exists() and not p.is_dir():
+    raise DataError(f"config.data.tfds_dir / $LCFED_TFDS_DIR {p} is a file; expected a directory")
+  try:
+    p.mkdir(parents=True, exist_ok=True)
+  except OSError as e:
+    raise DataError(f"the prepared-data directory {p} (config.data.tfds_dir / $LCFED_TFDS_DIR) "
+                    f"cannot be created: {e.strerror}") from None
+  if not os.access(p, os.W_OK | os.X_OK):
+    raise DataError(f"the prepared-data directory {p} (config.data.tfds_dir / $LCFED_TFDS_DIR) "
+                    f"is not writable")
+
+
 def load_real_task(config, sites: Optional[Iterable[int]] = None) -> FederatedData:
   """Build (first use) and read the sites of config.data.task; returns uint8 arrays.
   `sites`: the indices to build and read (default all); the others' splits are None, so
@@ -141,6 +156,7 @@ def load_real_task(config, sites: Optional[Iterable[int]] = None) -> FederatedDa
   task = _get(_get(config, "data"), "task")
   paths = resolve_paths(config)
   cfgs = site_configs(config)
+  _check_writable_dir(paths["tfds_dir"])
   spec = TASK_INFO[task]
   builder_cls = spec["builder"]
   wanted = set(range(len(cfgs))) if sites is None else {int(i) for i in sites}

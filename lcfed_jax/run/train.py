@@ -125,13 +125,7 @@ def train_and_evaluate(config, workdir: str, log: Callable[[str], None] = loggin
   workdir = Path(workdir)
   main_process = sharding.is_main_process()
   meta_before = _previous_meta(workdir)
-  if meta_before is not None and bool(config.resume):
-    names = task_site_names(config)
-    if list(meta_before.get("site_names", [])) != list(names):
-      raise UserError(f"--workdir {workdir} holds a run on the sites {meta_before.get('site_names')}; "
-                      f"the config's data has {names}: use another --workdir")
-  if main_process:
-    workdir_lib.claim(workdir, config, meta_before, log)
+  workdir_lib.claim(workdir, config, meta_before, log, task_site_names(config), write=main_process)
   sharding.barrier("workdir")
 
   run = Run(config, log)

@@ -88,18 +88,21 @@ def move_aside(workdir: Path) -> Path:
   return target
 
 
-def claim(workdir, config, checkpoint_meta: Optional[Dict], log) -> bool:
+def claim(workdir, config, checkpoint_meta: Optional[Dict], log, site_names=None, write: bool = True) -> bool:
   """Checks that `config` may run in `workdir` (moving an old run aside when
-  config.resume is False), then writes config.json. Returns whether an earlier run's
+  config.resume is False), then writes config.json. Every process of a multi-host run
+  checks; only the one with `write` moves and writes. Returns whether an earlier run's
   checkpoint may be resumed."""
   workdir = Path(workdir)
-  check_writable(workdir)
+  if write:
+    check_writable(workdir)
   old = previous_config(workdir, checkpoint_meta)
   new = config.to_dict()
   if old is not None and not bool(config.resume):
-    moved = move_aside(workdir)
-    log(f"config.resume=False: moved the earlier run in {workdir} to {moved}")
-    check_writable(workdir)
+    if write:
+      moved = move_aside(workdir)
+      log(f"config.resume=False: moved the earlier run in {workdir} to {moved}")
+      check_writable(workdir)
     old, checkpoint_meta = None, None
   elif old is not None:
     diff = differences(old, new)
@@ -108,5 +111,12 @@ def claim(workdir, config, checkpoint_meta: Optional[Dict], log) -> bool:
           f"--workdir {workdir} holds another experiment; these settings differ from its "
           f"config.json: {'; '.join(diff)}. Use another --workdir, or --config.resume=False to "
           f"move the earlier run aside and start over")
-  files.atomic_write_json(workdir / "config.json", new)
+    saved_sites = (checkpoint_meta or {}).get("site_names")
+    if saved_sites is not None and site_names is not None and list(saved_sites) != list(site_names):
+      raise UserError(
+          f"--workdir {workdir} holds a run on the sites {saved_sites}; the data found now has "
+          f"{list(site_names)}. Use another --workdir, or --config.resume=False to move the "
+          f"earlier run aside and start over")
+  if write:
+    files.atomic_write_json(workdir / "config.json", new)
   return checkpoint_meta is not None

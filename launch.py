@@ -69,7 +69,8 @@ def parse_flags(argv):
     cause = e.__cause__ or e
     _fail(f"--config: {str(cause).splitlines()[0]} ({' '.join(str(e).split())[:300]})")
   except (AttributeError, KeyError, TypeError, ValueError) as e:   # --config.<key> overrides
-    text = " ".join(str(e.args[0] if e.args else e).replace("\\'", "'").split()).strip("'\"")
+    raw = str(e.args[0] if e.args else e).replace("\\n", " ").replace("\\'", "'")
+    text = " ".join(raw.split()).strip("'\"").replace("' Did", ": did")
     bad = [a for a in argv if a.startswith("--config.")]
     _fail(f"{' '.join(bad) or '--config'}: {text}")
   except Exception as e:   # noqa: BLE001 - a user error raised inside get_config()

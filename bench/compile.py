@@ -13,6 +13,7 @@ A configuration that runs past --timeout prints {"timed_out": true}. Examples:
 
   python bench/compile.py                                   # K = 2 4 8 16, every impl
   python bench/compile.py --sites 4 --impls unroll grouped --scan_unrolls 1 10
+  python bench/compile.py --sites 4 --impls map --seeds 1 2 4               # seeds in one program
   python bench/compile.py --size 384 --base 16 --local_steps 50 --sites 4 32   # paper setting
 """
 from __future__ import annotations
@@ -41,6 +42,7 @@ def measure(a) -> dict:
   a.sites = a.one_sites
   c = make_config(a.method, a.one_impl, a, a.size)
   c.model.scan_unroll = a.one_unroll
+  c.seeds = tuple(range(a.one_seeds)) if a.one_seeds > 1 else ()
   exp = setup.build(c, a.sites, 3, 1, (a.size, a.size, 3))
   method = exp.method
   state = exp.init_state()
@@ -71,7 +73,8 @@ def measure(a) -> dict:
           "batch": a.batch, "local_steps": a.local_steps,
           "trace_lower_s": round(t1 - t0, 2), "compile_s": round(t2 - t1, 2),
           "first_round_s": round(t3 - t2, 3), "round_s": round(round_s, 4),
-          "img_per_s": round(a.sites * a.batch * a.local_steps / round_s, 1),
+          "seeds": a.one_seeds,
+          "img_per_s": round(a.sites * max(a.one_seeds, 1) * a.batch * a.local_steps / round_s, 1),
           "convs_lowered": text.count("stablehlo.convolution"),
           "convs_compiled": len(re.findall(r"= \S+ convolution\(", hlo)),
           "loss_finite": bool(np.all(np.isfinite(np.asarray(losses))))}
@@ -92,31 +95,32 @@ def main(argv=None):
   p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
   p.add_argument("--rounds", type=int, default=3)
   p.add_argument("--timeout", type=float, default=600, help="seconds per configuration")
-  p.add_argument("--one", nargs=3, metavar=("SITES", "IMPL", "UNROLL"), help=argparse.SUPPRESS)
+  p.add_argument("--seeds", type=int, nargs="+", default=[1],
+                 help="seeds on the replica axis (S federations in one program); 1: none")
+  p.add_argument("--one", nargs=4, metavar=("SITES", "IMPL", "UNROLL", "SEEDS"), help=argparse.SUPPRESS)
   a = p.parse_args(argv)
   if a.one:
-    a.one_sites, a.one_impl, a.one_unroll = int(a.one[0]), a.one[1], int(a.one[2])
+    a.one_sites, a.one_impl, a.one_unroll, a.one_seeds = int(a.one[0]), a.one[1], int(a.one[2]), int(a.one[3])
     print(json.dumps(measure(a)), flush=True)
     return
   passthrough = [f"--{k}={getattr(a, k)}" for k in ("method", "size", "base", "batch", "local_steps",
                                                    "train_size", "dtype", "rounds")]
   env = dict(os.environ, LCFED_JAX_CACHE="off")
-  for k in a.sites:
-    for impl in a.impls:
-      for unroll in a.scan_unrolls:
-        cmd = [sys.executable, os.path.abspath(__file__), "--one", str(k), impl, str(unroll)] + passthrough
-        base = {"bench": "compile", "sites": k, "impl": impl, "scan_unroll": unroll}
-        try:
-          out = subprocess.run(cmd, capture_output=True, text=True, timeout=a.timeout, env=env)
-        except subprocess.TimeoutExpired:
-          print(json.dumps(dict(base, timed_out=True, timeout_s=a.timeout)), flush=True)
-          continue
-        lines = [ln for ln in out.stdout.splitlines() if ln.startswith("{")]
-        if out.returncode or not lines:
-          print(json.dumps(dict(base, failed=True, error=out.stderr.strip()[-400:])), flush=True)
-        else:
-          print(lines[-1], flush=True)
-
+  configs = [(k, impl, unroll, seeds) for k in a.sites for impl in a.impls for unroll in a.scan_unrolls
+             for seeds in a.seeds]
+  for k, impl, unroll, seeds in configs:
+    cmd = [sys.executable, os.path.abspath(__file__), "--one", str(k), impl, str(unroll), str(seeds)] + passthrough
+    base = {"bench": "compile", "sites": k, "impl": impl, "scan_unroll": unroll, "seeds": seeds}
+    try:
+      out = subprocess.run(cmd, capture_output=True, text=True, timeout=a.timeout, env=env)
+    except subprocess.TimeoutExpired:
+      print(json.dumps(dict(base, timed_out=True, timeout_s=a.timeout)), flush=True)
+      continue
+    lines = [ln for ln in out.stdout.splitlines() if ln.startswith("{")]
+    if out.returncode or not lines:
+      print(json.dumps(dict(base, failed=True, error=out.stderr.strip()[-400:])), flush=True)
+    else:
+      print(lines[-1], flush=True)
 
 if __name__ == "__main__":
   main()

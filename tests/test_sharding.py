@@ -62,8 +62,9 @@ for n in (4, 1):
 #    lcfed (PCS codes and contrastive loss, HC heads gathered over devices in stage B and
 #    in the 'hc' predictor) and prrfl (Fourier amplitudes, divisor = real sites). Every
 #    stage runs one round from the same initial state; predictions of that state too.
-for method in ("lcfed", "prrfl"):
-  config = tiny_config(method, **dict(SIX, local_steps=2 if method == "lcfed" else 1))
+for method in ("lcfed", "prrfl", "lcfed_seeds"):
+  over = dict(SIX, local_steps=1 if method == "prrfl" else 2, **({{"seeds": (0, 1)}} if method == "lcfed_seeds" else {{}}))
+  config = tiny_config(method.split("_")[0], **over)
   data = generate(6, 32, SIX["data.train_sizes"], 4, 0)
   for n in (4, 1):
     layout = sharding.SiteLayout(sharding.make_mesh(n), 6)
@@ -150,10 +151,11 @@ def test_four_devices_equal_one(four_devices):
   np.testing.assert_allclose(_numbers(r4["result"]), _numbers(r1["result"]), atol=1e-3, rtol=1e-3)
 
 
-@pytest.mark.parametrize("method", ["lcfed", "prrfl"])
+@pytest.mark.parametrize("method", ["lcfed", "prrfl", "lcfed_seeds"])
 def test_padding_sites_change_nothing(four_devices, method):
   """Cross-site terms (HC's gathered heads, PCS codes, PRR-FL's amplitude mean and its
-  divisor) see the 6 real sites only: 4 devices + 2 padding sites == 1 device, none."""
+  divisor) see the 6 real sites only: 4 devices + 2 padding sites == 1 device, none.
+  'lcfed_seeds': two seeds on the replica axis, each gathering and averaging in its group."""
   _, arrays, info = four_devices
   assert info[method] == {"spec": str(jax.sharding.PartitionSpec("sites")), "total": 8}
   keys = sorted(k[len(method) + 2:] for k in arrays if k.startswith(f"{method}4/"))

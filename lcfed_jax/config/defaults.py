@@ -86,6 +86,8 @@ def base_config(task: str, method: str = "lcfed") -> ml_collections.ConfigDict:
   c.checkpoint_every = 10
   c.data_dir = os.environ.get("LCFED_DATA_DIR", "")
   c.resume = True                # False: move an earlier run in the workdir aside, start over
+  c.seeds = ()                   # several seeds: independent federations trained in one program
+                                 # (a replica axis), each exactly the run of `seed` = that seed
 
   c.data = ml_collections.ConfigDict()
   c.data.task = task
@@ -94,6 +96,7 @@ def base_config(task: str, method: str = "lcfed") -> ml_collections.ConfigDict:
     c.data.num_sites = 4
     c.data.train_sizes = (120, 80, 60, 100)   # per site (repeated when there are more sites)
     c.data.test_size = 40
+    c.data.seed = 0                # the generated data (fixed across training seeds)
   else:
     c.data.root = ""               # the task's raw folder; "": {data_dir}/{task}
     c.data.tfds_dir = ""           # prepared data; "": $LCFED_TFDS_DIR or ~/.cache/lcfed_jax/tfds
@@ -170,6 +173,7 @@ def base_config(task: str, method: str = "lcfed") -> ml_collections.ConfigDict:
   c.eval.lcc_official = False      # True: an empty prediction becomes a full mask (released helper)
   c.eval.selection = "val"         # 'val' (carved from train) | 'test' (paper) | 'last'
   c.eval.val_fraction = 0.1        # 'val': share of each site's training examples (volumes), at least 1
+  c.eval.val_seed = 0              # which examples are carved (fixed across training seeds)
   c.eval.checkpoint = "best"       # --mode eval restores 'best' (the selected model) | 'latest'
   c.eval.plots = True              # iou_curves.png and results_overlays.png in the workdir
   c.eval.overlay_examples = 2      # test examples per site in the overlay figure
@@ -183,6 +187,9 @@ def base_config(task: str, method: str = "lcfed") -> ml_collections.ConfigDict:
   c.mesh.coordinator_address = ""  # multihost: host:port of process 0 ("": $JAX_COORDINATOR_ADDRESS or auto)
   c.mesh.num_processes = 0         # multihost: process count (0: $JAX_NUM_PROCESSES or auto)
   c.mesh.process_id = -1           # multihost: this process (-1: $JAX_PROCESS_ID or auto)
+
+  c.sweep = ml_collections.ConfigDict()   # --mode sweep
+  c.sweep.seeds = "together"       # 'together' (config.seeds: one program) | 'sequential' (a run per seed)
 
   c.checkpoint = ml_collections.ConfigDict()
   c.checkpoint.keep = 2            # newest checkpoints kept, besides those holding a selected round

@@ -27,6 +27,7 @@ CHOICES = {
     "data.prostate_mask": ("auto", "foreground_255", "inverted"),
     "data.prostate_norm": ("range", "vmax_as_released"),
     "data.layout": ("auto", "pranet", "per_site", "nifti", "slices", "fundus", "faz"),
+    "sweep.seeds": ("together", "sequential"),
 }
 POSITIVE_INT = ("rounds", "local_steps", "batch_size", "image_size", "eval_every", "checkpoint_every",
                 "model.base", "model.scan_unroll", "eval.batch_size", "checkpoint.keep")
@@ -116,6 +117,9 @@ def _check_relations(config, v) -> None:
     _fail("lcfed.pcs_n", config.lcfed.pcs_n, "1..5")
   if not 0.0 < v["eval.val_fraction"] < 1.0:
     _fail("eval.val_fraction", v["eval.val_fraction"], "a fraction in (0, 1)")
+  seeds = tuple(config.seeds)
+  if not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in seeds) or len(set(seeds)) != len(seeds):
+    _fail("seeds", seeds, "distinct integers >= 0 (or () for the one seed of config.seed)")
   if v["mesh.process_id"] < -1:
     _fail("mesh.process_id", v["mesh.process_id"], "an integer >= -1 (-1: environment / auto-detect)")
   if config.data.task == "synthetic":

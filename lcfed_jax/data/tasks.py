@@ -23,6 +23,6 @@ def load_task(config, sites: Optional[Iterable[int]] = None) -> FederatedData:
     from lcfed_jax.data.synthetic import generate
     return generate(num_sites=int(config.data.num_sites), image_size=int(config.image_size),
                     train_sizes=tuple(config.data.train_sizes), test_size=int(config.data.test_size),
-                    seed=int(config.seed), sites=sites)
+                    seed=int(config.data.seed), sites=sites)
   from lcfed_jax.data.real import load_real_task   # TFDS: imported only for real tasks
   return load_real_task(config, sites=sites)

@@ -63,16 +63,26 @@ def local_predictions(out: Dict, data, keys=("pred",)) -> Dict[str, Dict[int, np
   return {key: sharding.local_rows(out[key], range(data.num_sites)) for key in keys}
 
 
-def evaluate(predict_fn, state, arrays, parts, data, config) -> List[Dict]:
+def seed_rows(rows: Dict[int, np.ndarray], seed_index) -> Dict[int, np.ndarray]:
+  """One seed's rows of predictions made with a seed axis ([S, N, ...] per site)."""
+  return rows if seed_index is None else {k: r[seed_index] for k, r in rows.items()}
+
+
+def evaluate(predict_fn, state, arrays, parts, data, config, num_seeds: int = 0) -> List:
   """Scores of every part of `arrays` from one prediction: `parts` lists the per-site
   splits that were concatenated (in order) into each site's rows of `arrays`
-  (`concat_splits`), so test and validation share one compiled predictor."""
+  (`concat_splits`), so test and validation share one compiled predictor. With a seed
+  axis, every part's entry is a list of one result per seed."""
   out = predict_fn(state.params, state.model_state, arrays.images)
   rows = local_predictions(out, data)["pred"]
+  views = list(range(num_seeds)) if num_seeds else [None]
   results, offset = [], {k: 0 for k in rows}
   for splits in parts:
-    part = {k: r[offset[k]:offset[k] + len(splits[k])] for k, r in rows.items()}
-    results.append(score_predictions(part, splits, data, config))
+    per_seed = []
+    for v in views:
+      part = {k: r[..., offset[k]:offset[k] + len(splits[k]), :, :, :] for k, r in seed_rows(rows, v).items()}
+      per_seed.append(score_predictions(part, splits, data, config))
+    results.append(per_seed if num_seeds else per_seed[0])
     offset = {k: offset[k] + len(splits[k]) for k in rows}
   return results
 

@@ -60,9 +60,10 @@ def carve_validation(train: List[Optional[SiteSplit]], fraction: float, seed: in
 
 @jax.jit
 def _select_sites(take, new, old):
-  """Per site (leading axis), `new` where take[k] else `old`; always fresh buffers."""
+  """Per site (and seed: `take` [K] or [K, S] over the leading axes), `new` where take
+  else `old`; always fresh buffers."""
   def pick(n, o):
-    t = take.reshape(take.shape + (1,) * (n.ndim - 1))
+    t = take.reshape(take.shape + (1,) * (n.ndim - take.ndim))
     return jnp.where(t, n, o)
   return jax.tree.map(pick, new, old)
 
@@ -81,6 +82,7 @@ class Tracker:
     self.rounds = [0] * k
     self.scores = [float("-inf")] * k
     self.outputs = ["probs"] * k
+    self.chosen = False
     self.tree = None     # {'params', 'model_state'} with the site axis, on the device
 
   # --- bookkeeping that goes into the checkpoint's JSON item ---
@@ -95,6 +97,7 @@ class Tracker:
     self.scores = [float("-inf") if d["site_scores"][s] is None else float(d["site_scores"][s])
                    for s in self.site_names]
     self.outputs = [d["site_outputs"][s] for s in self.site_names]
+    self.chosen = True
     self.tree = tree
 
   @property
@@ -108,50 +111,111 @@ class Tracker:
   @property
   def best_round(self) -> Optional[int]:
     """The round all sites share, or None for a per-site mix (or nothing yet)."""
-    if self.tree is None:
+    if not self.chosen:
       return None
     return self.rounds[0] if len(set(self.rounds)) == 1 else None
 
   def selected_steps(self) -> set:
-    return set(self.rounds) if self.tree is not None else set()
+    return set(self.rounds) if self.chosen else set()
 
   # --- the decision ---
-  def update(self, state, round_: int, site_scores: np.ndarray, output: str, per_site: bool) -> bool:
-    """Offers round `round_` (per-site IoU on the selection split). Returns whether
-    anything was selected from it."""
+  def decide(self, round_: int, site_scores, output: str, per_site: bool) -> np.ndarray:
+    """Which sites take round `round_` (per-site IoU on the selection split); the
+    bookkeeping is updated, the parameters are not."""
     scores = np.asarray(site_scores, np.float64)
     scores = np.where(np.isnan(scores), -np.inf, scores)   # NaN never wins
     k = len(self.site_names)
-    if self.policy == "last" or self.tree is None:
+    if self.policy == "last" or not self.chosen:
       take = np.ones(k, bool)
     elif per_site:
       take = scores > np.asarray(self.scores)
     else:
       take = np.full(k, bool(np.mean(scores) > self.mean_score))
-    if not take.any():
-      return False
-    new = model_tree(state)
-    old = new if self.tree is None else self.tree
-    # Padding sites past the k real ones (lcfed_jax.fed.sharding) follow their source site k % K.
-    n = jax.tree.leaves(new)[0].shape[0]
-    self.tree = _select_sites(jnp.asarray(take[np.arange(n) % k]), new, old)
     for i in np.flatnonzero(take):
       self.rounds[i], self.scores[i], self.outputs[i] = int(round_), float(scores[i]), output
-    return True
+    self.chosen = True
+    return take
+
+  def update(self, state, round_: int, site_scores, output: str, per_site: bool) -> bool:
+    """Offers round `round_`. Returns whether anything was selected from it."""
+    take = self.decide(round_, site_scores, output, per_site)
+    if take.any():
+      self.tree = select(self.tree, state, take)
+    return bool(take.any())
+
+
+def select(tree, state, take: np.ndarray):
+  """`tree` with the sites (and seeds) where `take` [K] (or [K, S]) replaced by the
+  state's. Padding sites past the K real ones follow their source site k % K."""
+  new = model_tree(state)
+  old = new if tree is None else tree
+  k = take.shape[0]
+  n = jax.tree.leaves(new)[0].shape[0]
+  return _select_sites(jnp.asarray(take[np.arange(n) % k]), new, old)
+
+
+class SeedTrackers:
+  """One `Tracker`'s bookkeeping per seed of the replica axis, one selected tree
+  [K, S, ...] for all: the same interface as `Tracker`, with per-seed lists."""
+
+  def __init__(self, policy_name: str, site_names: List[str], seeds):
+    self.seeds = list(seeds)
+    self.trackers = [Tracker(policy_name, site_names) for _ in self.seeds]
+    self.tree = None
+
+  def to_json(self) -> Dict:
+    return {"seeds": {str(s): t.to_json() for s, t in zip(self.seeds, self.trackers)}}
+
+  def load_json(self, d: Dict, tree) -> None:
+    for s, t in zip(self.seeds, self.trackers):
+      t.load_json(d["seeds"][str(s)], None)
+    self.tree = tree
+
+  @property
+  def has_selection(self) -> bool:
+    return self.tree is not None
+
+  @property
+  def outputs(self):
+    return [t.outputs for t in self.trackers]
+
+  def selected_steps(self) -> set:
+    return set().union(*(t.selected_steps() for t in self.trackers))
+
+  def update(self, state, round_: int, site_scores, output: str, per_site: bool) -> bool:
+    """`site_scores`: one list of per-site scores per seed."""
+    take = np.stack([t.decide(round_, sc, output, per_site) for t, sc in zip(self.trackers, site_scores)], 1)
+    if take.any():
+      self.tree = select(self.tree, state, take)
+    return bool(take.any())
+
+
+def make_tracker(policy_name: str, site_names: List[str], seeds=()):
+  return SeedTrackers(policy_name, site_names, seeds) if seeds else Tracker(policy_name, site_names)
 
 
 def _finite(x: float):
   return float(x) if np.isfinite(x) else None
 
 
-def predict_selected(get_predictor, tree: Dict, site_outputs: List[str], images,
-                     num_sites: int, keys=("pred",)) -> Dict[str, Dict[int, np.ndarray]]:
+def predict_selected(get_predictor, tree: Dict, site_outputs, images, num_sites: int,
+                     keys=("pred",)) -> Dict[str, Dict[int, np.ndarray]]:
   """Predictions of the selected model, every site through its own round's output
-  ('probs' or 'hc'): {key: {site: host rows}} for the real sites on this process."""
-  local = {}
-  for o in sorted(set(site_outputs)):
+  ('probs' or 'hc'): {key: {site: host rows}} for the real sites on this process. With a
+  seed axis `site_outputs` holds one list per seed, and every row is [S, N, ...]."""
+  per_seed = bool(site_outputs) and isinstance(site_outputs[0], (list, tuple))
+  table = np.array(site_outputs if per_seed else [site_outputs], dtype=object)   # [S, K]
+  local: Dict[str, Dict[int, np.ndarray]] = {}
+  for o in sorted(set(table.ravel())):
     out = get_predictor(o)(tree["params"], tree["model_state"], images)
-    mine = [k for k in range(num_sites) if site_outputs[k] == o]
+    mine = [k for k in range(num_sites) if (table[:, k] == o).any()]
     for key in keys:
-      local.setdefault(key, {}).update(sharding_lib.local_rows(out[key], mine))
+      rows = sharding_lib.local_rows(out[key], mine)
+      for k, row in rows.items():
+        if not per_seed:
+          local.setdefault(key, {})[k] = row
+          continue
+        into = local.setdefault(key, {}).setdefault(k, np.zeros_like(row))
+        for s in np.flatnonzero(table[:, k] == o):
+          into[s] = row[s]
   return local

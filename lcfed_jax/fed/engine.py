@@ -17,6 +17,12 @@ zero weight.
 
 The round also reports, per site, whether its loss and its updated parameters are all
 finite: a diverging site is found on the device, in the outputs the round returns anyway.
+
+With `config.seeds`, S independent federations train in the same program: every state
+leaf has a seed axis after the site axis ([K, S, ...], still sharded over the sites), and
+the per-device round is `vmap`-ed over it. The server's sums and HC's head gathering are
+collectives inside that `vmap`, so each seed averages and gathers within its own group;
+the data arrays are not mapped, so every seed of a site reads the same copy.
 """
 from __future__ import annotations
 
@@ -207,12 +213,22 @@ def make_round_fn(model, stage: Stage, masks: Masks, config, num_sites: int,
                               opt_state=opt_state, round=state.round + 1)
     return new_state, loss, finite
 
+  body = _over_seeds(local_round, len(config.seeds))
+
   def round_fn(state: FedState, data: SiteArrays, weights):
     specs = layout.specs(state)
-    return jax.shard_map(local_round, mesh=layout.mesh, in_specs=(specs, layout.specs(data), P(AXIS)),
+    return jax.shard_map(body, mesh=layout.mesh, in_specs=(specs, layout.specs(data), P(AXIS)),
                          out_specs=(specs, P(AXIS), P(AXIS)))(state, data, weights)
 
   return jax.jit(round_fn, donate_argnums=0)
+
+
+def _over_seeds(local_round, num_seeds: int):
+  """The per-device round, mapped over the seed axis (1) of the state when there is one."""
+  if not num_seeds:
+    return local_round
+  axes = FedState(params=1, model_state=1, opt_state=1, rng=1, round=None)
+  return jax.vmap(local_round, in_axes=(axes, None, None), out_axes=(axes, 1, 1))
 
 
 def _server_opt_state(opt_state, shared_params, weights, stage: Stage, config, opt):
@@ -229,10 +245,10 @@ def _server_opt_state(opt_state, shared_params, weights, stage: Stage, config, o
 
 
 def make_predict_fn(model, output: str, eval_batch: int, num_sites: int,
-                    layout: Optional[sharding_lib.SiteLayout] = None):
+                    layout: Optional[sharding_lib.SiteLayout] = None, num_seeds: int = 0):
   """Jitted `predict(params, model_state, images[K,N,H,W,C] uint8) -> dict` of uint8
-  binary predictions [K,N,H,W,nc] (threshold 0.5), probabilities, and HC peak maps.
-  N must be a multiple of `eval_batch` (`stack_splits(pad_multiple=...)`). K is the
+  binary predictions [K,N,H,W,nc] (threshold 0.5), probabilities, and HC peak maps
+  ([K,S,N,...] with a seed axis). N must be a multiple of `eval_batch`. K is the
   layout's `num_total` (padding sites predict too; callers read the first num_sites)."""
   use_hc = output == "hc"
   layout = layout or sharding_lib.single_device_layout(num_sites)
@@ -257,9 +273,11 @@ def make_predict_fn(model, output: str, eval_batch: int, num_sites: int,
     return jax.vmap(site_predict, in_axes=(0, 0, 0, 0, None))(
         params, model_state, _site_ids(images.shape[0], num_sites), images, heads)
 
+  body = jax.vmap(local_predict, in_axes=(1, 1, None), out_axes=1) if num_seeds else local_predict
+
   def predict(params, model_state, images):
     specs = (layout.specs(params), layout.specs(model_state), P(AXIS))
-    return jax.shard_map(local_predict, mesh=layout.mesh, in_specs=specs, out_specs=P(AXIS))(
+    return jax.shard_map(body, mesh=layout.mesh, in_specs=specs, out_specs=P(AXIS))(
         params, model_state, images)
 
   return jax.jit(predict)

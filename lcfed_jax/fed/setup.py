@@ -68,11 +68,21 @@ class Experiment:
     return optim.freezable(optim.make(self.config, float(self.config.learning_rate)),
                            self.config.federated.frozen_adam)
 
+  @property
+  def seeds(self) -> Tuple[int, ...]:
+    """The seeds of the replica axis; () for one federation of `config.seed` (no axis)."""
+    return tuple(int(s) for s in self.config.seeds)
+
   def init_state(self) -> engine.FedState:
-    """The initial state of the `num_sites` real sites (not padded, default device)."""
+    """The initial state of the `num_sites` real sites (not padded, default device). With
+    `config.seeds`, every seed's own initial state on a second axis: leaves [K, S, ...]."""
     c = self.config
-    return engine.init_state(self.model, self.optimizer(), int(c.seed), self.num_sites, self.image_shape,
-                             bool(c.federated.same_init), self.method.synced_init)
+    init = lambda seed: engine.init_state(self.model, self.optimizer(), seed, self.num_sites, self.image_shape,
+                                          bool(c.federated.same_init), self.method.synced_init)
+    if not self.seeds:
+      return init(int(c.seed))
+    per_seed = [init(seed) for seed in self.seeds]
+    return jax.tree.map(lambda *a: jnp.stack(a, 1) if a[0].ndim else a[0], *per_seed)
 
   def abstract_state(self) -> engine.FedState:
     """The initial state's structure, shapes and dtypes (nothing computed)."""
@@ -99,7 +109,7 @@ class Experiment:
     key = (output, int(eval_batch))
     if key not in self._predictors:
       self._predictors[key] = engine.make_predict_fn(self.model, output, int(eval_batch),
-                                                     self.num_sites, self.layout)
+                                                     self.num_sites, self.layout, len(self.seeds))
     return self._predictors[key]
 
 

@@ -52,29 +52,40 @@ def evaluate_checkpoint(config, workdir: str, log: Callable[[str], None] = loggi
   layout = run.layout
   abstract = layout.abstract_real(run.exp.abstract_state())
   t0 = time.time()
+  seeds, views = run.exp.seeds, run.seed_views
   if which == "best" and saved["has_selection"]:
     tree = layout.pad(ckpts.restore(step, abstract, items=("selected",))["selected"])
-    sel = saved["selection"]
+    sels = [saved["selection"]["seeds"][str(s)] for s in seeds] if seeds else [saved["selection"]]
   else:
     state = layout.pad(ckpts.restore(step, abstract, items=("state",))["state"])
     tree = selection.model_tree(state)
     rounds = int(state.round)
     output = Schedule(list(run.exp.stages)).stage_at(rounds).output
-    sel = {"site_rounds": {s: rounds for s in run.data.site_names},
-           "site_outputs": {s: output for s in run.data.site_names}}
+    sels = [{"site_rounds": {s: rounds for s in run.data.site_names},
+             "site_outputs": {s: output for s in run.data.site_names}}] * len(views)
     which = "latest"
   ckpts.close()
   log(f"restored {which} model from {ckpts.dir / str(step)} onto {layout.num_devices} device(s) "
       f"({time.time() - t0:.1f}s)")
-  outputs = [sel["site_outputs"][s] for s in run.data.site_names]
+  outputs = [[sel["site_outputs"][s] for s in run.data.site_names] for sel in sels]
   t0 = time.time()
-  scores, out = run.evaluate_selected(tree, outputs)
+  scores, out = run.evaluate_selected(tree, outputs if seeds else outputs[0])
   log(f"evaluated {sum(run.test_sizes)} test images in {time.time() - t0:.1f}s")
-  result = result_record(run, scores, sel, saved["selection_policy"], which)
   stem = "results" if which == "best" else "eval_latest"
-  run.write_outputs(workdir, result, tree, out, outputs, stem)
-  if sharding.is_main_process():
-    files.atomic_write_json(Path(workdir) / f"eval_{which}.json",
-                            dict(result, checkpoint_step=step,
-                                 devices=[str(d) for d in layout.mesh.devices.flat]))
-  return result
+  results = []
+  for v, seed_index in enumerate(views):
+    result = result_record(run, scores[v] if seeds else scores, sels[v], saved["selection_policy"], which)
+    where = Path(workdir) / f"seed{seeds[v]}" if seeds else Path(workdir)
+    run.write_outputs(where, result, tree, out, outputs[v], stem, seed_index=seed_index)
+    if sharding.is_main_process():
+      files.atomic_write_json(where / f"eval_{which}.json",
+                              dict(result, checkpoint_step=step,
+                                   devices=[str(d) for d in layout.mesh.devices.flat]))
+    results.append(result)
+  if seeds and sharding.is_main_process():
+    from lcfed_jax.run import sweep
+    per_seed = {run.method.name: dict(zip(seeds, results))}
+    files.atomic_write_text(Path(workdir) / f"{stem}.md", sweep.to_markdown(per_seed))
+    files.atomic_write_text(Path(workdir) / f"{stem}.csv", sweep.to_csv(per_seed))
+    log(sweep.to_markdown(per_seed))
+  return results if seeds else results[0]

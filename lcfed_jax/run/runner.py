@@ -81,16 +81,23 @@ class Run:
   def plots(self) -> bool:
     return bool(self.config.eval.plots)
 
-  def evaluate_selected(self, tree, site_outputs) -> Tuple[Dict, Dict]:
+  @property
+  def seed_views(self) -> List:
+    """Indices into the seed axis, or [None] without one."""
+    return list(range(len(self.exp.seeds))) if self.exp.seeds else [None]
+
+  def evaluate_selected(self, tree, site_outputs) -> Tuple:
     """(scores on every site's test split, {key: {site: predictions}} of this process's
-    sites) of a {'params','model_state'} tree."""
+    sites) of a {'params','model_state'} tree. With a seed axis: a list of scores."""
     # HC peak maps leave the device only for the overlay figure.
     keys = ("pred", "peaks") if self.method.model.hc and self.plots else ("pred",)
     out = selection.predict_selected(self.predictor, tree, site_outputs, self.eval_arrays.images,
                                      self.k, keys)
-    return evaluation.score_predictions(out["pred"], self.data.test, self.data, self.config), out
+    scores = [evaluation.score_predictions(evaluation.seed_rows(out["pred"], v), self.data.test, self.data,
+                                           self.config) for v in self.seed_views]
+    return (scores if self.exp.seeds else scores[0]), out
 
-  def overlay_examples(self, tree, out: Dict, site_outputs) -> Dict:
+  def overlay_examples(self, tree, out: Dict, site_outputs, seed_index=None) -> Dict:
     """The first `eval.overlay_examples` test images of every site with their masks,
     predictions and (HC) peak maps, gathered from the processes that hold them."""
     n = int(self.config.eval.overlay_examples)
@@ -99,7 +106,9 @@ class Run:
       peaks = (out["peaks"] if all(o == "hc" for o in site_outputs) else evaluation.local_predictions(
           self.predictor("hc")(tree["params"], tree["model_state"], self.eval_arrays.images),
           self.data, ("peaks",))["peaks"])
-    local = {k: (s.images[:n], s.masks[:n], out["pred"][k][:n], None if peaks is None else peaks[k][:n])
+      peaks = evaluation.seed_rows(peaks, seed_index)
+    pred = evaluation.seed_rows(out["pred"], seed_index)
+    local = {k: (s.images[:n], s.masks[:n], pred[k][:n], None if peaks is None else peaks[k][:n])
              for k, s in enumerate(self.data.test) if s is not None}
     ex = sharding.merge_sites(local)
 
@@ -114,9 +123,9 @@ class Run:
             "counts": [len(ex[k][0]) for k in range(self.k)], "per_site": n}
 
   def write_outputs(self, workdir, result: Dict, tree, out: Dict, site_outputs, stem: str,
-                    board=None) -> Optional[Path]:
+                    board=None, seed_index=None) -> Optional[Path]:
     """results.{md,csv,json} and the overlay figure (process 0 writes; all gather)."""
-    examples = self.overlay_examples(tree, out, site_outputs) if self.plots else None
+    examples = self.overlay_examples(tree, out, site_outputs, seed_index) if self.plots else None
     if not sharding.is_main_process():
       return None
     paths = report.write(workdir, result, stem)

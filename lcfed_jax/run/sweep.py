@@ -85,35 +85,48 @@ def run_dir(workdir: Path, label: str, seed: int) -> Path:
 
 
 def plan(config, workdir, methods_text: str, seeds_text: str):
-  """[(label, seed, config, run workdir)], every config validated."""
+  """[(label, seeds, config, run workdir)], every config validated. With several seeds
+  and `config.sweep.seeds == 'together'` a method's seeds are one run (the replica axis
+  `config.seeds`), whose seed<s>/ folders hold what separate runs would."""
   runs = []
+  seeds = parse_seeds(seeds_text, config.seed)
+  together = config.sweep.seeds == "together" and len(seeds) > 1
   for label, method, overrides in parse_methods(methods_text, config.method):
-    for seed in parse_seeds(seeds_text, config.seed):
+    groups = [tuple(seeds)] if together else [(seed,) for seed in seeds]
+    for group in groups:
       c = copy.deepcopy(config)
-      c.method, c.seed = method, seed
+      c.method, c.seed, c.seeds = method, group[0], group if together else ()
       for key, value in overrides.items():
         try:
           set_dotted(c, key, value)
         except (AttributeError, KeyError):
           raise ConfigError(f"--methods {label}: no setting config.{key}") from None
       validate(c)
-      runs.append((label, seed, c, run_dir(workdir, label, seed)))
+      wd = Path(workdir) / run_dir(workdir, label, 0).parent.name
+      runs.append((label, group, c, wd if together else run_dir(workdir, label, group[0])))
   return runs
+
+
+def seed_dirs(run) -> List[Tuple[int, Path]]:
+  """(seed, the folder of that seed's results) of a planned run."""
+  _, seeds, c, wd = run
+  return [(s, wd / f"seed{s}") for s in seeds] if tuple(c.seeds) else [(seeds[0], wd)]
 
 
 def protocol_line(config, runs, note: str = "") -> str:
   """Size, rounds, local steps, seeds, device and wall time of a sweep (from its runs)."""
-  timings = [json.loads((Path(wd) / "timing.json").read_text()) for _, _, wd in runs
+  timings = [json.loads((Path(wd) / "timing.json").read_text()) for _, _, _, wd in runs
              if (Path(wd) / "timing.json").exists()]
   wall = sum(t["wall_s"] for t in timings)
   devices = sorted({t["device"] for t in timings})
-  seeds = sorted({seed for _, seed, _ in runs})
+  seeds = sorted({seed for _, group, _, _ in runs for seed in group})
   c = config
   text = (f"Protocol: {c.image_size} px, U-Net base {c.model.base}, {c.rounds} rounds of {c.local_steps} local "
           f"steps (batch {c.batch_size}, {c.optimizer.name} {c.learning_rate:g}), LC-Fed +{c.lcfed.hc_rounds} HC "
           f"rounds, FT +{c.ft.rounds} rounds, evaluation every {c.eval_every} rounds, selection "
           f"'{c.eval.selection}', seeds {seeds}; {', '.join(devices) or '?'}; wall time "
-          f"{progress.fmt_eta(wall)} for {len(timings)} runs.")
+          f"{progress.fmt_eta(wall)} for {len(timings)} runs"
+          f"{' (seeds in one program)' if any(tuple(r[2].seeds) for r in runs) else ''}.")
   return f"**{note}** {text}" if note else text
 
 
@@ -123,18 +136,20 @@ def run_sweep(config, workdir, methods_text: str = "", seeds_text: str = "", not
   workdir = Path(workdir)
   runs = plan(config, workdir, methods_text, seeds_text)
   workdir_lib.check_writable(workdir)
-  todo = [r for r in runs if not (r[3] / "results.json").exists()]
+  todo = [r for r in runs if not all((d / "results.json").exists() for _, d in seed_dirs(r))]
   log(f"sweep: {len(runs)} runs ({len(runs) - len(todo)} finished already) in {workdir}")
   times: List[float] = []
-  for i, (label, seed, c, wd) in enumerate(todo):
+  for i, (label, seeds, c, wd) in enumerate(todo):
     t0 = time.time()
-    out = train_and_evaluate(c, str(wd), log=lambda line, p=f"[{label} seed {seed}] ": log(p + line))
+    tag = f"{label} seed{'s' if len(seeds) > 1 else ''} {','.join(map(str, seeds))}"
+    out = train_and_evaluate(c, str(wd), log=lambda line, p=f"[{tag}] ": log(p + line))
     times.append(time.time() - t0)
     eta = progress.fmt_eta(np.mean(times) * (len(todo) - i - 1))
-    log(f"sweep: {len(runs) - len(todo) + i + 1}/{len(runs)} runs done ({label} seed {seed}: mean IoU "
-        f"{out['result']['mean']['iou']:.4f} in {times[-1]:.0f}s), ETA {eta}")
-  done = [(label, seed, wd) for label, seed, _, wd in runs]
-  return write_summary(workdir, done, log, protocol_line(config, done, note))
+    means = [r["mean"]["iou"] for r in (out["result"] if isinstance(out["result"], list) else [out["result"]])]
+    log(f"sweep: {len(runs) - len(todo) + i + 1}/{len(runs)} runs done ({tag}: mean IoU "
+        f"{np.mean(means):.4f} in {times[-1]:.0f}s), ETA {eta}")
+  done = [(label, seed, d) for r in runs for seed, d in seed_dirs(r) for label in [r[0]]]
+  return write_summary(workdir, done, log, protocol_line(config, runs, note))
 
 
 # ------------------------------------------------------------------ the summary

@@ -135,7 +135,7 @@ def train_and_evaluate(config, workdir: str, log: Callable[[str], None] = loggin
   train_splits, val_splits, train_sizes = data.train, None, run.train_sizes
   if policy == "val":
     train_splits, val_splits = selection.carve_validation(data.train, float(config.eval.val_fraction),
-                                                          int(config.seed))
+                                                          int(config.eval.val_seed))
     train_sizes = split_sizes(train_splits)
     log(f"selection: validation split of {split_sizes(val_splits)} examples carved from training "
         f"(train now {train_sizes})")
@@ -156,7 +156,8 @@ def train_and_evaluate(config, workdir: str, log: Callable[[str], None] = loggin
       f"dtype={jnp.dtype(exp.model.dtype).name} stages={[(s.name, s.rounds) for s in schedule.stages]}")
 
   ckpts = ckpt_lib.Checkpoints(workdir, int(config.checkpoint.keep))
-  tracker = selection.Tracker(policy, data.site_names)
+  seeds, views = exp.seeds, run.seed_views
+  tracker = selection.make_tracker(policy, data.site_names, seeds)
   meta = ckpt_lib.run_meta(config, run, policy, schedule)
   latest = ckpts.latest_step() if bool(config.resume) else None
   if latest is not None:
@@ -170,9 +171,10 @@ def train_and_evaluate(config, workdir: str, log: Callable[[str], None] = loggin
       tracker.load_json(saved["selection"], layout.pad(restored["selected"]))
     log(f"resumed from {ckpts.dir / str(latest)} (round {int(state.round)}/{schedule.total})")
   start_round = int(state.round)
-  metrics_path = workdir / "metrics.jsonl"
-  history = _cut_metrics(metrics_path, start_round)
-  board = open_board(workdir, start_round, bool(config.log.tensorboard) and main_process)
+  # With a seed axis every seed keeps the files of a run of its own in WORKDIR/seed<s>/.
+  out_dirs = [workdir / f"seed{s}" for s in seeds] or [workdir]
+  histories = [_cut_metrics(d / "metrics.jsonl", start_round) for d in out_dirs]
+  boards = [open_board(d, start_round, bool(config.log.tensorboard) and main_process) for d in out_dirs]
 
   def save(done: int, improved: bool = False):
     tree = tracker.tree if tracker.has_selection else selection.model_tree(state)
@@ -196,48 +198,68 @@ def train_and_evaluate(config, workdir: str, log: Callable[[str], None] = loggin
         losses, finite = losses[:k], finite[:k]
         done = r + 1
         if not finite.all():
-          bad = [data.site_names[i] for i in np.flatnonzero(~finite)]
+          bad = [data.site_names[i] for i in np.flatnonzero(~finite.reshape(k, -1).all(1))]
           raise DivergenceError(
               f"round {done} (stage {stage.name}): the loss or parameters of site(s) {bad} are not "
               f"finite (NaN/inf); the run stopped before evaluating or saving this round, and the "
               f"latest checkpoint (round {ckpts.latest_step()}) is the last finite one. Lower "
               f"--config.learning_rate (now {config.learning_rate}) or check the data of those sites")
-        bar.done(done, stage.name, losses)
+        bar.done(done, stage.name, losses.reshape(k, -1).mean(1))
         improved = False
         if done % int(config.eval_every) == 0 or done == b:
-          scores = evaluation.evaluate(predict, state, run.eval_arrays, parts, data, config)
-          record = {"round": done, "stage": stage.name, "loss": losses.tolist(), **scores[0]}
-          on = scores[0]
-          if val_splits:
-            record["val"] = on = scores[1]
-          improved = tracker.update(state, done, [on["sites"][s]["iou"] for s in data.site_names],
-                                    stage.output, stage.per_site_selection)
-          record["selection"] = tracker.to_json()
-          if main_process:
-            files.append_jsonl(metrics_path, record)
-            if board is not None:
-              board.record(record, data.site_names)
-          history.append(record)
-          log(evaluation.format_line(record, data.site_names) +
-              (f" | val mean IoU {record['val']['mean']['iou']:.4f}" if val_splits else "") +
-              (" | selected" if improved else ""))
+          scores = evaluation.evaluate(predict, state, run.eval_arrays, parts, data, config, len(seeds))
+          if not seeds:
+            scores = [[part] for part in scores]
+          records = []
+          for v, seed_index in enumerate(views):
+            loss = losses if seed_index is None else losses[:, seed_index]
+            rec = {"round": done, "stage": stage.name, "loss": loss.tolist(), **scores[0][v]}
+            if seeds:
+              rec["seed"] = seeds[v]
+            if val_splits:
+              rec["val"] = scores[1][v]
+            records.append(rec)
+          on = [[(rec["val"] if val_splits else rec)["sites"][s]["iou"] for s in data.site_names] for rec in records]
+          improved = tracker.update(state, done, on if seeds else on[0], stage.output, stage.per_site_selection)
+          sel_json = tracker.to_json()
+          for v, rec in enumerate(records):
+            rec["selection"] = sel_json["seeds"][str(seeds[v])] if seeds else sel_json
+            if main_process:
+              files.append_jsonl(out_dirs[v] / "metrics.jsonl", rec)
+              if boards[v] is not None:
+                boards[v].record(rec, data.site_names)
+            histories[v].append(rec)
+            log((f"seed {seeds[v]} " if seeds else "") + evaluation.format_line(rec, data.site_names) +
+                (f" | val mean IoU {rec['val']['mean']['iou']:.4f}" if val_splits else "") +
+                (" | selected" if improved else ""))
         if done % int(config.checkpoint_every) == 0 or done == b or (improved and policy != "last"):
           save(done, improved)
   finally:
     ckpts.close()
 
   if not tracker.has_selection:     # nothing was evaluated (a schedule of zero rounds)
-    tracker.update(state, int(state.round), np.zeros(k), schedule.stage_at(int(state.round)).output, False)
-  sel = tracker.to_json()
+    zeros = np.zeros(k) if not seeds else [np.zeros(k)] * len(seeds)
+    tracker.update(state, int(state.round), zeros, schedule.stage_at(int(state.round)).output, False)
   scores, out = run.evaluate_selected(tracker.tree, tracker.outputs)
-  final = result_record(run, scores, sel, policy, "best")
-  log(f"selected ({policy}): " + report.selected_rounds_text(final))
-  run.write_outputs(workdir, final, tracker.tree, out, tracker.outputs, "results", board)
-  if run.plots and history and main_process:
-    plots.iou_curves(history, data.site_names, workdir / "iou_curves.png", sel["site_rounds"],
-                     title=f"{exp.method.name}: test IoU per site (selection: {policy})")
-  if board is not None:
-    board.close()
+  finals = []
+  for v, seed_index in enumerate(views):
+    one = tracker if not seeds else tracker.trackers[v]
+    final = result_record(run, scores if not seeds else scores[v], one.to_json(), policy, "best")
+    log((f"seed {seeds[v]} " if seeds else "") + f"selected ({policy}): " + report.selected_rounds_text(final))
+    run.write_outputs(out_dirs[v], final, tracker.tree, out, one.outputs, "results", boards[v], seed_index)
+    if run.plots and histories[v] and main_process:
+      plots.iou_curves(histories[v], data.site_names, out_dirs[v] / "iou_curves.png", final["site_rounds"],
+                       title=f"{exp.method.name}: test IoU per site (selection: {policy})")
+    finals.append(final)
+  if seeds and main_process:   # the seeds side by side: mean ± std over seeds
+    from lcfed_jax.run import sweep
+    per_seed = {exp.method.name: dict(zip(seeds, finals))}
+    files.atomic_write_text(workdir / "results.md", sweep.to_markdown(per_seed))
+    files.atomic_write_text(workdir / "results.csv", sweep.to_csv(per_seed))
+    log(sweep.to_markdown(per_seed))
+  for board in boards:
+    if board is not None:
+      board.close()
   c = runtime.compile_seconds(t_perf)
   wall = time.time() - t_begin
   log(f"done in {wall:.1f}s, of which {c['wall']:.1f}s tracing, lowering and compiling "
@@ -246,5 +268,5 @@ def train_and_evaluate(config, workdir: str, log: Callable[[str], None] = loggin
     files.atomic_write_json(workdir / "timing.json", {
         "wall_s": round(wall, 1), "compile_wall_s": round(c["wall"], 1), "rounds_run": schedule.total - start_round,
         "device": runtime.device_name(), "jax": jax.__version__})
-  return {"history": history, "state": layout.strip(state), "data": data,
-          "selected": layout.strip(tracker.tree), "result": final}
+  return {"history": histories if seeds else histories[0], "state": layout.strip(state), "data": data,
+          "selected": layout.strip(tracker.tree), "result": finals if seeds else finals[0]}

@@ -24,7 +24,7 @@ from lcfed_jax.util.errors import UserError
 # Keys (dotted prefixes) that may differ between runs in one workdir.
 RUN_CONTROL = ("rounds", "lcfed.hc_rounds", "ft.rounds", "fedbabu.ft_rounds", "eval_every",
                "checkpoint_every", "checkpoint.", "eval.", "log.", "mesh.", "data_dir", "data.root",
-               "data.tfds_dir", "resume", "seeds_mode")
+               "data.tfds_dir", "resume", "sweep.")
 
 
 def _flatten(d: Dict, prefix: str = "") -> Dict[str, object]:

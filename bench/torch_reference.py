@@ -1,6 +1,6 @@
 """PyTorch re-creations of the LC-Fed / FedDG training pattern, for throughput only.
 
-Same U-Net as spec section 3 (base 16, 3 convs per encoder block, InstanceNorm2d without
+Same U-Net as lcfed_jax/models/unet.py (base 16, 3 convs per encoder block, InstanceNorm2d without
 affine, nearest 2x upsample, 1x1 head, sigmoid, Dice loss; 3,179,857 parameters for RGB /
 1 class). Every site has its own model and Adam (lr 1e-3); each round trains the sites one
 after another, `local_steps` steps of batch `batch` each, batches drawn uniformly with

@@ -8,7 +8,7 @@ one step count for the whole tree, so freezing by zeroing updates would still de
 moments and advance bias correction. This Adam keeps a step count per leaf and, for a
 frozen leaf, leaves everything untouched (`frozen='skip'`, default).
 
-`frozen='zero_grad'` reproduces PyTorch < 2.0 (spec B9): `zero_grad()` zeroed the
+`frozen='zero_grad'` reproduces PyTorch < 2.0 (B9 in docs/official_code.md): `zero_grad()` zeroed the
 gradient instead of clearing it, so frozen parameters still moved through their momentum.
 """
 from __future__ import annotations

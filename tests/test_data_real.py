@@ -1,5 +1,5 @@
-"""The real data of shared/data (polyp 3 sites, FAZ 5 sites, fundus and prostate samples)
-builds through the TFDS builders with the counts of shared/data/README.md, at 32x32.
+"""The real data folder (polyp 3 sites, FAZ 5 sites, fundus and prostate samples)
+builds through the TFDS builders with the counts its README gives, at 32x32.
 
 Skipped with a reason when the data is absent. The data is found at $LCFED_DATA_DIR or at
 <repo>/../shared/data; it is only read, the prepared data goes to a pytest tmp dir.

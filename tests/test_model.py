@@ -56,9 +56,9 @@ def test_pcs_and_hc_are_named_submodules_with_official_sizes():
   heads = {"kernel": jnp.zeros((4, 1, 1, 32, 1)), "bias": jnp.zeros((4, 1))}
   v = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)), 0, heads=heads))
   p = v["params"]
-  assert sum(x.size for x in jax.tree.leaves(p["hc"])) == 577            # spec 6.2
+  assert sum(x.size for x in jax.tree.leaves(p["hc"])) == 577            # one 3x3 conv, 64 -> 1
   pcs = sum(x.size for x in jax.tree.leaves(p["pcs_5"]))
-  assert pcs == 4 * 256 + 256 * 256 + 512 * 16 + 16 * 256                # spec 4: ~79k
+  assert pcs == 4 * 256 + 256 * 256 + 512 * 16 + 16 * 256                # g: K->C->C, h: 2C->C/16->C
 
 
 def test_gaussian_kernel_peak_one_and_sum():

@@ -68,7 +68,8 @@ def stack_splits(splits: Sequence[Optional[SiteSplit]], num_padding_sites: int =
 
 
 def sample_batch(images, masks, count, key, batch_size: int):
-  """One site's batch, uniform with replacement over its real examples (spec 2.4).
+  """One site's batch, uniform with replacement over its real examples (the
+  official sampler draws with replacement too).
 
   Called inside the site vmap: `images` [N_max,...] and `count` are that site's. A
   padding site (count 0) draws row 0, which its zero weight keeps out of every result.

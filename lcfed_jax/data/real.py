@@ -8,7 +8,7 @@ Where the raw data is looked for (first match wins):
   1. `config.data.root` if set;
   2. `{data_dir}/{task}`;
   3. fundus only: `{data_dir}/samples/Fundus`; prostate only: `{data_dir}/samples/ProstateSlice`
-     (the tiny samples of shared/data, for smoke tests);
+     (the tiny sample folders, for smoke tests);
 with `data_dir = config.data_dir or $LCFED_DATA_DIR`. The raw folder is only read.
 
 Prepared data goes to `config.data.tfds_dir or $LCFED_TFDS_DIR or ~/.cache/lcfed_jax/tfds`,

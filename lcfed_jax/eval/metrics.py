@@ -7,7 +7,7 @@ Two parts:
 * Host part (NumPy/SciPy): `iou`, `dice`, `assd`, `hd95`, `surface_metrics`,
   `largest_component`, `evaluate_site`, `summarize_sites`.
 
-Definitions (medpy 0.5.2 `medpy.metric.binary`, spec section 8 and anchors D.4)
+Definitions (medpy 0.5.2 `medpy.metric.binary`, the official evaluation)
 ------------------------------------------------------------------------------
 * IoU  = |A & B| / |A | B|                 (medpy `jc`)
 * Dice = 2 |A & B| / (|A| + |B|)           (medpy `dc`)
@@ -18,8 +18,8 @@ Definitions (medpy 0.5.2 `medpy.metric.binary`, spec section 8 and anchors D.4)
   pixels/voxels when spacing is None) to the nearest surface pixel of B; this is
   `distance_transform_edt(~surface_B, sampling=spacing)[surface_A]`.
 * ASSD = mean of concat(d(A->B), d(B->A))            (medpy 0.5.2 `assd`)
-  Note: medpy 0.5.2 (the version pinned here, anchors D.4) averages the concatenated
-  distances. Older medpy releases (and the spec section 8 wording) took the mean of the
+  Note: medpy 0.5.2 (the version compared against here) averages the concatenated
+  distances. Older medpy releases took the mean of the
   two directed means instead; the two differ when the surfaces have different lengths.
   We follow the installed medpy 0.5.2, which the tests compare against.
 * HD95 = 95th percentile of concat(d(A->B), d(B->A))  (medpy `hd95`)
@@ -67,7 +67,7 @@ deterministic and bounds every value a non-empty prediction can get. Choose
 every unit is NaN has mean NaN. `evaluate_site` also reports which units/classes had
 an empty prediction or ground truth, so capped values can be recognised in reports.
 
-Official behaviours (spec section 8, E1-E3), all available as options
+Official behaviours (E1-E3 in docs/official_code.md), all available as options
 ----------------------------------------------------------------------
 * Largest connected component (`largest_component`): scipy `ndimage.label` with its
   default structure, i.e. connectivity 1 (4-neighbourhood in 2-D, 6 in 3-D), exactly like
@@ -86,7 +86,7 @@ Official behaviours (spec section 8, E1-E3), all available as options
 * Empty polyp prediction (E2): empty_policy='official_baseline' (the LC-Fed tester itself
   would crash in medpy).
 
-Means (spec section 8): per unit, mean over classes (fundus: disc and cup); per site,
+Means (as the official evaluation): per unit, mean over classes (fundus: disc and cup); per site,
 mean over units; over sites, the unweighted mean of the per-site means, with the
 standard deviation across sites (`summarize_sites`). IoU/Dice are fractions in [0, 1]
 here (the paper prints IoU x 100); ASSD/HD95 are in spacing units.
@@ -340,7 +340,7 @@ def largest_component(mask, official_empty_behaviour: bool = False) -> np.ndarra
 
   Returns uint8 of mask's shape. Ties go to the lowest label (raster order). An empty
   mask stays empty, unless official_empty_behaviour=True, which reproduces the official
-  `_connectivity_region_analysis`: an empty mask becomes all ones (spec E3).
+  `_connectivity_region_analysis`: an empty mask becomes all ones (E3 in docs/official_code.md).
   """
   m = np.asarray(mask) != 0
   labels, n = ndimage.label(m)

@@ -1,4 +1,4 @@
-"""Model selection: which round's model is reported (spec section 8).
+"""Model selection: which round's model is reported.
 
 `config.eval.selection`:
   'val'   (default) the round with the best mean IoU over sites on a validation split

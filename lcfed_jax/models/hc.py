@@ -1,4 +1,4 @@
-"""HC, Head Calibration (spec sections 6.1-6.2, the released `multi_lcnet` version).
+"""HC, Head Calibration (the released `multi_lcnet` version; docs/official_code.md).
 
 For site k with decoder features F and its own prediction P (both detached):
 every site's head is applied to F (the heads come stacked on the site axis), U is the

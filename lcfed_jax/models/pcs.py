@@ -1,4 +1,4 @@
-"""PCS, Personalized Channel Selection (spec section 4).
+"""PCS, Personalized Channel Selection (docs/official_code.md, section 1).
 
 A fixed one-hot site code e_k goes through an embedding MLP g (K -> C -> C, no bias);
 the feature map's pooled descriptors, concatenated with the embedding, go through a

@@ -125,7 +125,7 @@ class SegModel(nn.Module):
     return out
 
   def contrastive(self, pcs_in, site):
-    """L_con (spec section 5) on detached pre-PCS features; gradient reaches PCS only.
+    """L_con (docs/official_code.md, section 1) on detached pre-PCS features; gradient reaches PCS only.
 
     For each PCS block: -mean_{j != site} MSE(M_site(f), stopgrad(M_j(f))), averaged
     over blocks. All K codes go through the PCS MLPs at once (no loop over sites).

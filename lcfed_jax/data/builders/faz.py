@@ -1,12 +1,12 @@
 """Foveal avascular zone (FAZ) segmentation in OCTA (grey, 1 channel), 5 sites.
 
-Layout (as in shared/data/faz; FedICRA's own `Domain<k>/{train,test}/{imgs,mask}` is
+Layout (docs/datasets.md; FedICRA's own `Domain<k>/{train,test}/{imgs,mask}` is
 accepted too)::
 
   <root>/site{1..5}/{train,test}/{images,masks}/<name>.png
 
 The split is the folders' own. Images must be grey (RGB with R == G == B is accepted).
-Masks: foreground = value > 0, values must be in {0, 127, 255} (255 in shared/data,
+Masks: foreground = value > 0, values must be in {0, 127, 255} (255 in the converted copy,
 127 in FedICRA's release).
 """
 from __future__ import annotations
@@ -21,7 +21,7 @@ from lcfed_jax.util.errors import DataError
 MANUAL_DOWNLOAD_INSTRUCTIONS = """\
 FAZ segmentation in OCTA, 5 sites (FAZID, OCTA-500 3M, OCTA-500 6M, OCTA-25K sOCTA-3x3,
 ROSE) with FedICRA's split: take data/FAZ/Domain{1..5}/{train,test}/{imgs,mask} from
-github.com/llmir/FedICRA (or use the copy in shared/data/faz) and place it so that
+github.com/llmir/FedICRA (or a converted copy) and place it so that
 <data_dir>/faz/site{1..5}/{train,test}/{images,masks}/*.png exist (Domain<k>, imgs/, mask/
 names are accepted). Build ahead with
   python -m lcfed_jax.data.build --task faz --data_dir <data_dir>

@@ -1,4 +1,4 @@
-"""Fundus optic disc / cup segmentation (RGB, 2 target channels), spec section 2.3.
+"""Fundus optic disc / cup segmentation (RGB, 2 target channels), (docs/datasets.md).
 
 Layout (FedDG / DoFE ROIs; the folders may be named Site<k> or Domain<k>)::
 
@@ -25,7 +25,7 @@ REFUGE validation): download the processed "Fundus" archive linked from
 github.com/liuquande/FedDG-ELCFS (or the DoFE repository github.com/emma-sjwang/Dofe) and
 unpack it so that <data_dir>/fundus/Site{1..4}/{train,test}/ROIs/{image,mask}/*.png exist
 (Domain{1..4} folder names are accepted too). Masks: 255 background, 128 disc, 0 cup.
-A tiny sample in this layout is shared/data/samples/Fundus. Build ahead with
+A tiny sample in this layout: the MiDSS repository's data/Fundus. Build ahead with
   python -m lcfed_jax.data.build --task fundus --data_dir <data_dir>
 """
 LAYOUT_TEXT = "<root>/{Site<k>|Domain<k>}/{train,test}/ROIs/{image,mask}/*.png"

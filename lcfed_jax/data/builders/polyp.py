@@ -1,4 +1,4 @@
-"""Polyp segmentation (endoscopy, RGB), LC-Fed's 4 sites (spec section 2.2).
+"""Polyp segmentation (endoscopy, RGB), LC-Fed's 4 sites (docs/datasets.md).
 
 Two raw layouts (`layout`):
 
@@ -13,7 +13,7 @@ Two raw layouts (`layout`):
   1..170 / 171..196), colondb (CVC-ColonDB frames 1..220 + 273..379 train, 221..272 test,
   380 unused), clinicdb (train: numeric TrainDataset names; test: TestDataset/CVC-ClinicDB).
 
-* `per_site`: one folder per site, no fixed split (as in shared/data/polyp)::
+* `per_site`: one folder per site, no fixed split::
 
     <root>/<site>/{images,masks}/     site in kvasir, etis, colondb, clinicdb (any subset;
                                       also Kvasir-SEG, CVC-ColonDB, ... as folder names)

@@ -1,4 +1,4 @@
-"""Prostate T2 MRI segmentation (grey, 1 channel), the SAML 6-site collection (spec 2.1).
+"""Prostate T2 MRI segmentation (grey, 1 channel), the SAML 6-site collection (docs/datasets.md).
 
 Two raw layouts (`layout`):
 
@@ -12,11 +12,11 @@ Two raw layouts (`layout`):
   to the [row, col] = [y, x] order SimpleITK gives). Mask = label > 0. Per-slice
   normalisation (`prostate_norm`): vmin = slice min, vmax = sorted(slice)[int(0.99 N)],
   clip to [vmin, vmax], then 'range' (default, correct): (x - vmin) / (vmax - vmin), or
-  'vmax_as_released' (the official code's quirk, spec D3): (x - vmin) / vmax; the result is
+  'vmax_as_released' (the official code's quirk, D3 in docs/official_code.md): (x - vmin) / vmax; the result is
   clipped to [0, 1] and stored as round(255 x) in uint8. volume_ids = the case number
   (the digits of CaseXX), slice_index = z; names 'CaseXX/slice_zzz'.
 
-* `slices` (the sliced PNG release, e.g. shared/data/samples/ProstateSlice, from MiDSS)::
+* `slices` (the sliced PNG release, e.g. the MiDSS repository's data/ProstateSlice)::
 
     <root>/<SITE>/{train,test}/{image,mask}/NN_MM.png       NN = case, MM = slice
 
@@ -52,7 +52,7 @@ processed data from liuquande.github.io/SAML ("Multi-site Dataset for Prostate M
 Segmentation") and unpack it so that <data_dir>/prostate/<SITE>/CaseXX.nii.gz and
 CaseXX_segmentation.nii.gz (I2CVB: _Segmentation) exist. The sliced PNG release
 (<SITE>/{train,test}/{image,mask}/NN_MM.png, e.g. from github.com/MQinghe/MiDSS) is
-accepted too; a tiny sample of it is shared/data/samples/ProstateSlice. Build ahead with
+accepted too; a tiny sample of it is in the MiDSS repository (data/ProstateSlice). Build ahead with
   python -m lcfed_jax.data.build --task prostate --data_dir <data_dir>
 """
 LAYOUT_TEXT = ("<root>/<SITE>/CaseXX.nii.gz + CaseXX_segmentation.nii.gz (SAML volumes), or "
@@ -123,7 +123,7 @@ def nifti_cases(site_dir: Path):
 
 
 def mr_norm(x: np.ndarray, mode: str) -> np.ndarray:
-  """Per-slice normalisation of spec 2.1 to [0, 1] (see the module docstring)."""
+  """Per-slice normalisation to [0, 1] (see the module docstring)."""
   x = x.astype(np.float64)
   flat = np.sort(x.ravel())
   vmin, vmax = flat[0], flat[int(0.99 * flat.size)]

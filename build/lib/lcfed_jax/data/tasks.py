@@ -1,0 +1,28 @@
+"""One entry point for every task's data: `site_names(config)` (cheap: no data read) and
+`load_task(config, sites) -> FederatedData` (the splits of `sites` only, None elsewhere)."""
+from __future__ import annotations
+
+from typing import Iterable, List, Optional
+
+from lcfed_jax.data.types import FederatedData
+
+
+def site_names(config) -> List[str]:
+  """The task's sites, in order, from the config and a directory listing alone."""
+  if config.data.task == "synthetic":
+    from lcfed_jax.data.synthetic import site_names as synthetic_sites
+    return synthetic_sites(int(config.data.num_sites))
+  from lcfed_jax.data.real import site_configs   # TFDS: imported only for real tasks
+  return [sc.site for sc in site_configs(config)]
+
+
+def load_task(config, sites: Optional[Iterable[int]] = None) -> FederatedData:
+  """Every site's splits, or those of `sites` (indices; the others are None)."""
+  task = config.data.task
+  if task == "synthetic":
+    from lcfed_jax.data.synthetic import generate
+    return generate(num_sites=int(config.data.num_sites), image_size=int(config.image_size),
+                    train_sizes=tuple(config.data.train_sizes), test_size=int(config.data.test_size),
+                    seed=int(config.data.seed), sites=sites)
+  from lcfed_jax.data.real import load_real_task   # TFDS: imported only for real tasks
+  return load_real_task(config, sites=sites)

@@ -77,13 +77,13 @@ def test_head_only_and_body_only_phases(lcfed):
 def test_contrastive_gradient_reaches_only_pcs():
   model = SegModel(num_classes=1, base=4, num_sites=3, pcs=True)
   x = jax.random.uniform(jax.random.PRNGKey(0), (2, 32, 32, 3))
-  v = model.init(jax.random.PRNGKey(1), x, 1)
+  v = jax.jit(lambda k: model.init(k, x, 1))(jax.random.PRNGKey(1))
 
   def con(params):
     out = model.apply({"params": params}, x, 1)
     return model.apply({"params": params}, out["pcs_in"], 1, method=SegModel.contrastive)
 
-  value, grads = jax.value_and_grad(con)(v["params"])
+  value, grads = jax.jit(jax.value_and_grad(con))(v["params"])
   assert float(value) < 0     # minus a mean squared distance
   for path, g in flat(grads).items():
     nonzero = bool(np.any(np.asarray(g) != 0))
@@ -93,8 +93,8 @@ def test_contrastive_gradient_reaches_only_pcs():
 def test_contrastive_uses_every_other_sites_code():
   model = SegModel(num_classes=1, base=4, num_sites=3, pcs=True)
   x = jax.random.uniform(jax.random.PRNGKey(0), (2, 32, 32, 3))
-  v = model.init(jax.random.PRNGKey(1), x, 0)
-  out = model.apply(v, x, 0)
+  v = jax.jit(lambda k: model.init(k, x, 0))(jax.random.PRNGKey(1))
+  out = jax.jit(lambda v: model.apply(v, x, 0))(v)
   f = out["pcs_in"][0]
   pcs = lambda codes: model.apply(v, f, codes, method=lambda m, f, c: m.pcs_mods[4].channel_maps(f, c))
   maps = np.asarray(pcs(jnp.eye(3)))

@@ -30,14 +30,14 @@ def test_in_channels_and_classes_change_only_first_conv_and_head():
 def test_norm_options(norm, collections):
   model = SegModel(num_classes=1, base=4, norm=norm)
   x = jax.random.uniform(jax.random.PRNGKey(1), (2, 32, 32, 3))
-  v = model.init(jax.random.PRNGKey(0), x, 0)
+  v = jax.jit(lambda k: model.init(k, x, 0))(jax.random.PRNGKey(0))
   assert set(v.keys()) == collections
   paths = partition.leaf_paths(v)
   if norm == "in":
     assert not any("norm" in p for p in paths)          # no affine, no statistics
   else:
     assert any("/norm1/scale" in p for p in paths)
-  out = model.apply(v, x, 0, train=False)
+  out = jax.jit(lambda v: model.apply(v, x, 0, train=False))(v)
   assert out["probs"].shape == (2, 32, 32, 1)
   assert out["features"].shape == (2, 32, 32, 8)
   assert np.all((np.asarray(out["probs"]) > 0) & (np.asarray(out["probs"]) < 1))
@@ -111,13 +111,13 @@ def test_peak_picking_keeps_exactly_local_maxima_above_threshold():
 def test_bfloat16_compute_keeps_float32_params_and_finite_gradients():
   model = SegModel(num_classes=1, base=4, dtype=jnp.bfloat16, pcs=True, num_sites=2)
   x = jax.random.uniform(jax.random.PRNGKey(1), (2, 32, 32, 3))
-  v = model.init(jax.random.PRNGKey(0), x, 0)
+  v = jax.jit(lambda k: model.init(k, x, 0))(jax.random.PRNGKey(0))
   assert all(a.dtype == jnp.float32 for a in jax.tree.leaves(v["params"]))
-  out = model.apply(v, x, 1)
+  out = jax.jit(lambda v: model.apply(v, x, 1))(v)
   assert out["features"].dtype == jnp.bfloat16 and out["probs"].dtype == jnp.float32
-  g = jax.grad(lambda p: jnp.mean(model.apply({"params": p}, x, 1)["probs"]))(v["params"])
+  g = jax.jit(jax.grad(lambda p: jnp.mean(model.apply({"params": p}, x, 1)["probs"])))(v["params"])
   assert all(a.dtype == jnp.float32 and bool(jnp.all(jnp.isfinite(a))) for a in jax.tree.leaves(g))
-  ref = SegModel(num_classes=1, base=4, pcs=True, num_sites=2).apply(v, x, 1)["probs"]
+  ref = jax.jit(lambda v: SegModel(num_classes=1, base=4, pcs=True, num_sites=2).apply(v, x, 1)["probs"])(v)
   # bf16 rounding through ~20 instance-normalised layers of a random net: close on
   # average, not elementwise.
   a, b = np.asarray(out["probs"]).ravel(), np.asarray(ref).ravel()

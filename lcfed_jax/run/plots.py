@@ -37,12 +37,16 @@ def iou_curves(records: Sequence[Dict], site_names: Sequence[str], path,
             label="mean (val)")
   if site_rounds and len(set(site_rounds.values())) == 1:
     ax.axvline(next(iter(site_rounds.values())), color="gray", ls=":", label="selected")
+  return _save_iou_axes(plt, fig, ax, path, "IoU", title or "test IoU per site")
+
+
+def _save_iou_axes(plt, fig, ax, path, ylabel: str, title: str, ncol: int = 1) -> Path:
   ax.set_xlabel("round")
-  ax.set_ylabel("IoU")
+  ax.set_ylabel(ylabel)
   ax.set_ylim(0, 1)
   ax.grid(alpha=0.3)
-  ax.legend(fontsize=8, loc="lower right")
-  ax.set_title(title or "test IoU per site")
+  ax.legend(fontsize=8, loc="lower right", ncol=ncol)
+  ax.set_title(title)
   fig.tight_layout()
   path = Path(path)
   fig.savefig(path, dpi=100)
@@ -112,17 +116,8 @@ def method_curves(curves: Dict[str, Sequence[Sequence[Dict]]], path, title: str 
     line, = ax.plot(rounds, values.mean(0), lw=1.8, label=label)
     if len(seeds) > 1:
       ax.fill_between(rounds, values.min(0), values.max(0), color=line.get_color(), alpha=0.2, lw=0)
-  ax.set_xlabel("round")
-  ax.set_ylabel("mean test IoU over sites")
-  ax.set_ylim(0, 1)
-  ax.grid(alpha=0.3)
-  ax.legend(fontsize=8, loc="lower right", ncol=2)
-  ax.set_title(title or "mean test IoU per round (band: range over seeds)")
-  fig.tight_layout()
-  path = Path(path)
-  fig.savefig(path, dpi=100)
-  plt.close(fig)
-  return path
+  return _save_iou_axes(plt, fig, ax, path, "mean test IoU over sites",
+                        title or "mean test IoU per round (band: range over seeds)", ncol=2)
 
 
 def side_by_side(panels: Sequence, path) -> Path:

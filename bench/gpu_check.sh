@@ -6,7 +6,7 @@
 #   env       versions and the device
 #   torch     PyTorch: the official pattern (eager fp32) and the best-practice one (AMP bf16,
 #             channels_last, torch.compile), sites in sequence, in one invocation
-#   profile   the top device ops of two LC-Fed stage-A rounds (bench/profile.py)
+#   profile   the top device ops of two LC-Fed stage-A rounds (bench/profile_round.py)
 #   impls     LC-Fed stage A per conv implementation: compile s, img/s, peak memory
 #   sites     K = 4, 8, 16, 32 sites with the one-copy implementations (unroll for comparison)
 #   seeds     S = 1, 2, 4 seeds in one program at K = 4
@@ -57,7 +57,7 @@ step env 60 bash -c "nvidia-smi --query-gpu=name,memory.total,driver_version --f
   $PY -c 'import jax, flax, optax, orbax.checkpoint, ml_collections, tensorboardX; print(jax.__version__, jax.devices())'"
 cat "$OUT/env.log" 2>/dev/null
 step torch 240 ${TORCH_PY:-$PY} bench/torch_reference.py --sites 4 --batch 6 --rounds 3 --patterns eager best $TORCH_SIZE
-step profile 200 $PY bench/profile.py $PAPER --top 15
+step profile 200 $PY bench/profile_round.py $PAPER --top 15
 for impl in unroll grouped pallas map; do
   step impls_$impl 180 $COMPILE --sites 4 --impls $impl
 done

@@ -15,8 +15,8 @@ instruction in the optimised HLO, which says what the op is:
 Prints one JSON line per op of the top --top (share of the profiled device time, ms per
 round, category, HLO name, source) and one line per category.
 
-  python bench/profile.py                              # paper setting (a GPU)
-  python bench/profile.py --size 48 --base 8 --local_steps 10 --top 10   # CPU-sized
+  python bench/profile_round.py                              # paper setting (a GPU)
+  python bench/profile_round.py --size 48 --base 8 --local_steps 10 --top 10   # CPU-sized
 """
 from __future__ import annotations
 

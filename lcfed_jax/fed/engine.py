@@ -218,9 +218,15 @@ def make_round_fn(model, stage: Stage, masks: Masks, config, num_sites: int,
   def round_fn(state: FedState, data: SiteArrays, weights):
     specs = layout.specs(state)
     return jax.shard_map(body, mesh=layout.mesh, in_specs=(specs, layout.specs(data), P(AXIS)),
-                         out_specs=(specs, P(AXIS), P(AXIS)))(state, data, weights)
+                         out_specs=(specs, P(AXIS), P(AXIS)), check_vma=_check_vma(model))(state, data, weights)
 
   return jax.jit(round_fn, donate_argnums=0)
+
+
+def _check_vma(model) -> bool:
+  """shard_map's check of which values vary over the mesh: off for the Pallas convolution,
+  whose interpreter slices with indices the check takes as replicated (a JAX limitation)."""
+  return getattr(model, "impl", "") != "pallas"
 
 
 def _over_seeds(local_round, num_seeds: int):
@@ -277,7 +283,7 @@ def make_predict_fn(model, output: str, eval_batch: int, num_sites: int,
 
   def predict(params, model_state, images):
     specs = (layout.specs(params), layout.specs(model_state), P(AXIS))
-    return jax.shard_map(body, mesh=layout.mesh, in_specs=specs, out_specs=P(AXIS))(
-        params, model_state, images)
+    return jax.shard_map(body, mesh=layout.mesh, in_specs=specs, out_specs=P(AXIS),
+                         check_vma=_check_vma(model))(params, model_state, images)
 
   return jax.jit(predict)

@@ -46,6 +46,7 @@ for HIGHEST precision, since the Triton default for fp32 is TF32.
 from __future__ import annotations
 
 import functools
+import inspect
 from typing import Optional, Sequence, Tuple
 
 import jax
@@ -177,7 +178,7 @@ def _conv_general(x, w, padding: Padding, *, out_dtype, compute_dtype, interpret
   kernel = functools.partial(_conv_kernel, geo=geo, bk=bk, precision=_precision(cdt))
   y = pl.pallas_call(
       kernel,
-      out_shape=jax.ShapeDtypeStruct((n, b, mp, cop), out_dtype),
+      out_shape=_out_type((n, b, mp, cop), out_dtype, xf, wf),
       grid=(n, b, mp // bm, cop // bn),
       in_specs=[
           # The whole image: rows are sliced in the kernel (halo of (kh-1)*Wp + kw-1 rows).
@@ -190,6 +191,20 @@ def _conv_general(x, w, padding: Padding, *, out_dtype, compute_dtype, interpret
       name="site_conv",
   )(xf, wf)
   return geo.unflatten(y, co)
+
+
+def _out_type(shape, dtype, *inputs):
+  """The kernel's output type. Inside `shard_map` (the engine's site axis) it must say
+  over which mesh axes it varies: as its inputs do. The argument is `manual_axis_type`
+  in some JAX versions and `vma` in others."""
+  params = inspect.signature(jax.ShapeDtypeStruct).parameters
+  types = [jax.typeof(a) for a in inputs]
+  if "vma" in params:
+    return jax.ShapeDtypeStruct(shape, dtype, vma=frozenset().union(*(getattr(t, "vma", ()) for t in types)))
+  if "manual_axis_type" in params:
+    found = [t.manual_axis_type for t in types if getattr(t, "manual_axis_type", None) is not None]
+    return jax.ShapeDtypeStruct(shape, dtype, manual_axis_type=found[0] if found else None)
+  return jax.ShapeDtypeStruct(shape, dtype)
 
 
 def pallas_conv(x: jax.Array, w: jax.Array, *, interpret: bool = False,
@@ -273,7 +288,7 @@ def pallas_conv_dw(x: jax.Array, g: jax.Array, *, kernel_hw: Sequence[int],
   kernel = functools.partial(_dw_kernel, geo=geo, bm=bm, per=per, precision=_precision(cdt))
   parts = pl.pallas_call(
       kernel,
-      out_shape=jax.ShapeDtypeStruct((splits, n, kh, kw, cip, cop), jnp.float32),
+      out_shape=_out_type((splits, n, kh, kw, cip, cop), jnp.float32, xf, gf),
       grid=(splits, n, kh, kw, cip // bci, cop // bn),
       in_specs=[
           pl.BlockSpec((None, b, rows, bci), lambda q, s, i, j, a, c: (s, 0, 0, a)),

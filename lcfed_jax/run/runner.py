@@ -141,7 +141,8 @@ class Run:
 
 
 def result_record(run: Run, scores: Dict, selection_json: Dict, policy: str, checkpoint: str) -> Dict:
-  return {"method": run.method.name, "task": run.data.task, "selection": policy,
+  return {"method": run.method.name, "task": run.data.task, "site_names": list(run.data.site_names),
+          "selection": policy,
           "checkpoint": checkpoint, "site_rounds": selection_json["site_rounds"],
           "site_outputs": selection_json["site_outputs"], "sites": scores["sites"],
           "mean": scores["mean"], "std": scores["std"]}

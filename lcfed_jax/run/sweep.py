@@ -180,9 +180,15 @@ def _cell(stat: Tuple[float, float], metric: str, several: bool) -> str:
   return f"{text} ± {report.fmt(std, metric)}" if several else text
 
 
+def site_order(results: Dict[str, Dict[int, Dict]]) -> List[str]:
+  """The task's site order (results.json keeps it; its 'sites' mapping is sorted)."""
+  first = next(iter(next(iter(results.values())).values()))
+  return list(first.get("site_names") or first["sites"])
+
+
 def to_markdown(results: Dict[str, Dict[int, Dict]], protocol: str = "") -> str:
   first = next(iter(next(iter(results.values())).values()))
-  sites = list(first["sites"])
+  sites = site_order(results)
   seeds = sorted({s for r in results.values() for s in r})
   several = len(seeds) > 1
   header = ["Method"] + [f"IoU {s}" for s in sites] + ["IoU avg"] + [f"ASSD {s}" for s in sites] + ["ASSD avg"]
@@ -206,8 +212,8 @@ def to_csv(results: Dict[str, Dict[int, Dict]]) -> str:
   buf = io.StringIO()
   w = csv.writer(buf, lineterminator="\n")
   w.writerow(("method", "seed", "site") + METRICS)
+  sites = site_order(results)
   for label, per_seed in results.items():
-    sites = list(next(iter(per_seed.values()))["sites"])
     for seed in sorted(per_seed):
       r = per_seed[seed]
       for s in sites:

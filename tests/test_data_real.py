@@ -12,7 +12,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from ml_collections import config_dict
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 

@@ -6,8 +6,6 @@ requirements.txt installed and ignores any other `python3` kernelspec on the mac
 with LCFED_NOTEBOOK_TINY=1; a failing cell fails the test.
 """
 import base64
-import os
-import sys
 from pathlib import Path
 
 import nbformat

@@ -3,7 +3,6 @@ selection; plots; the compare table; --mode eval of the latest checkpoint."""
 import csv
 import json
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest

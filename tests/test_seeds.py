@@ -97,7 +97,7 @@ def test_sweep_table_parses_back_to_numpys_mean_and_std(tiny_sweep):
         assert table[(method, "std", site)][m] == pytest.approx(np.std(per_seed, ddof=1), abs=1e-12)
   md = (wd / "results.md").read_text()
   iou = table[("fedavg", "mean", "avg")]["iou"] * 100
-  assert f"| fedavg |" in md and f"{iou:.2f} ± " in md
+  assert "| fedavg |" in md and f"{iou:.2f} ± " in md
   assert (wd / "iou_curves.png").stat().st_size > 0
 
 

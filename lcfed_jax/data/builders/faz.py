@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lcfed_jax.data.builders import common, sites
+from lcfed_jax.data.builders import common, files, sites
 from lcfed_jax.util.errors import DataError
 
 MANUAL_DOWNLOAD_INSTRUCTIONS = """\
@@ -48,7 +48,7 @@ class LcfedFaz(common.SiteBuilder):
     for split in ("train", "test"):
       if not (d / split).is_dir():
         raise DataError(f"Expected folder {d / split} (layout {LAYOUT_TEXT}).")
-      out[split] = common.pair_dir(d / split)
+      out[split] = files.pair_dir(d / split)
     return out
 
   def load_unit(self, unit, cfg):

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lcfed_jax.data.builders import common, sites
+from lcfed_jax.data.builders import common, files, sites
 from lcfed_jax.util.errors import DataError
 
 MANUAL_DOWNLOAD_INSTRUCTIONS = """\
@@ -51,7 +51,7 @@ class LcfedFundus(common.SiteBuilder):
       rois = d / split / "ROIs"
       if not rois.is_dir():
         raise DataError(f"Expected folder {rois} (layout {LAYOUT_TEXT}).")
-      out[split] = common.pair_dir(rois)
+      out[split] = files.pair_dir(rois)
     return out
 
   def load_unit(self, unit, cfg):

@@ -38,9 +38,8 @@ import logging
 from pathlib import Path
 from typing import Dict, List
 
-import numpy as np
 
-from lcfed_jax.data.builders import common
+from lcfed_jax.data.builders import common, files
 from lcfed_jax.util.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -82,7 +81,7 @@ SITE2_TEST = set(range(171, 197))
 def detect_layout(root: Path, layout: str = "auto") -> str:
   if not root.is_dir():
     raise common.missing_root_error(root, "polyp", LAYOUT_TEXT, MANUAL_DOWNLOAD_INSTRUCTIONS)
-  is_pranet = common.find_subdir(root, ["TrainDataset"]) and common.find_subdir(root, ["TestDataset"])
+  is_pranet = files.find_subdir(root, ["TrainDataset"]) and files.find_subdir(root, ["TestDataset"])
   if layout == "auto":
     if is_pranet:
       return "pranet"
@@ -102,7 +101,7 @@ def detect_layout(root: Path, layout: str = "auto") -> str:
 def per_site_dirs(root: Path) -> Dict[str, Path]:
   out = {}
   for site in SITE_ORDER:
-    d = common.find_subdir(root, PER_SITE_ALIASES[site])
+    d = files.find_subdir(root, PER_SITE_ALIASES[site])
     if d is not None:
       out[site] = d
   return out
@@ -146,11 +145,11 @@ class LcfedPolyp(common.SiteBuilder):
     root, site = Path(cfg.root), cfg.site
     site2 = cfg.options.get("polyp_site2", "etis")
     if cfg.layout == "pranet":
-      train_dir = common.find_subdir(root, ["TrainDataset"])
-      test_root = common.find_subdir(root, ["TestDataset"])
+      train_dir = files.find_subdir(root, ["TrainDataset"])
+      test_root = files.find_subdir(root, ["TestDataset"])
       test_dir = lambda name: test_root / name
       if site in ("kvasir", "clinicdb"):
-        pairs = common.pair_dir(train_dir)
+        pairs = files.pair_dir(train_dir)
         other = [p[0] for p in pairs if not (p[0].isdigit() or p[0].lower().startswith("c"))]
         if other:
           log.warning("polyp TrainDataset: %d names are neither Kvasir ids ('c...') nor "
@@ -159,23 +158,23 @@ class LcfedPolyp(common.SiteBuilder):
           train = [p for p in pairs if p[0].lower().startswith("c")]
         else:
           train = [p for p in pairs if p[0].isdigit()]
-        return {"train": train, "test": common.pair_dir(test_dir(PRANET_TEST[site]))}
+        return {"train": train, "test": files.pair_dir(test_dir(PRANET_TEST[site]))}
       if site == "colondb":
-        pairs = common.pair_dir(test_dir(PRANET_TEST["colondb"]))
+        pairs = files.pair_dir(test_dir(PRANET_TEST["colondb"]))
         return {"train": _frames(pairs, COLONDB_TRAIN), "test": _frames(pairs, COLONDB_TEST)}
       if site == "etis":
         src = PRANET_TEST["colondb" if site2 == "colondb_as_released" else "etis"]
-        pairs = common.pair_dir(test_dir(src))
+        pairs = files.pair_dir(test_dir(src))
         return {"train": _frames(pairs, SITE2_TRAIN), "test": _frames(pairs, SITE2_TEST)}
     else:
       dirs = per_site_dirs(root)
       if site == "etis":
-        pairs = common.pair_dir(dirs["colondb" if site2 == "colondb_as_released" else "etis"])
+        pairs = files.pair_dir(dirs["colondb" if site2 == "colondb_as_released" else "etis"])
         return {"train": _frames(pairs, SITE2_TRAIN), "test": _frames(pairs, SITE2_TEST)}
-      pairs = common.pair_dir(dirs[site])
+      pairs = files.pair_dir(dirs[site])
       if site == "colondb":
         return {"train": _frames(pairs, COLONDB_TRAIN), "test": _frames(pairs, COLONDB_TEST)}
-      train, test = common.split_seeded(pairs, 0.1, POLYP_SPLIT_SEED)
+      train, test = files.split_seeded(pairs, 0.1, POLYP_SPLIT_SEED)
       return {"train": train, "test": test}
     raise DataError(f"Unknown polyp site '{site}'.")
 

@@ -41,7 +41,7 @@ from typing import List
 
 import numpy as np
 
-from lcfed_jax.data.builders import common
+from lcfed_jax.data.builders import common, files
 from lcfed_jax.util.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -201,7 +201,7 @@ class LcfedProstate(common.SiteBuilder):
       return {"train": units[:n_train], "test": units[n_train:]}
     out = {}
     for split in ("train", "test"):
-      pairs = common.pair_dir(d / split)
+      pairs = files.pair_dir(d / split)
       for stem, img, _ in pairs:
         if not _SLICE_RE.match(stem):
           raise DataError(f"{img}: expected a slice name NN_MM.png (case_slice).")

@@ -8,12 +8,13 @@
 # FT), evaluation every 5 rounds, model selection on the carved validation split, seed 0.
 # PROTOCOL=gpu: 256 px, base 16, 100 rounds of 50 local steps (+100 HC, +17 FT).
 # The sweep runs in workdirs/<task>_sweep (checkpoints stay there); a rerun skips the
-# methods that finished and resumes an interrupted one.
+# methods that finished and resumes an interrupted one. METHODS, SEEDS, SWEEP_DIR and
+# RESULTS_DIR override the defaults; extra arguments go to launch.py after the protocol's.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 task=${1:?usage: bash results/run.sh polyp|faz}
 export LCFED_DATA_DIR=${LCFED_DATA_DIR:-$(cd .. && pwd)/shared/data}
-methods=local,fedavg,ft,fedbn,fedrep,prrfl,lcfed,lcfed:lcfed.hc=False
+methods=${METHODS:-local,fedavg,ft,fedbn,fedrep,prrfl,lcfed,lcfed:lcfed.hc=False}
 if [ "${PROTOCOL:-reduced}" = gpu ]; then
   note="GPU protocol. Rerun: PROTOCOL=gpu bash results/run.sh $task."
   size=(--config.image_size=256 --config.model.base=16 --config.local_steps=50 --config.lcfed.head_iters=10
@@ -25,10 +26,10 @@ else
         --config.fedrep.head_iters=2 --config.rounds=60 --config.lcfed.hc_rounds=60 --config.ft.rounds=10
         --config.eval_every=5)
 fi
-sweep=workdirs/${task}_sweep
+sweep=${SWEEP_DIR:-workdirs/${task}_sweep}
 python launch.py --config "configs/${task}.py" --mode sweep --workdir "$sweep" --methods "$methods" \
   --seeds "${SEEDS:-0}" --note "$note" "${size[@]}" --config.checkpoint_every=20 "${@:2}"
-out=results/$task
+out=${RESULTS_DIR:-results}/$task
 mkdir -p "$out"
 cp "$sweep"/results.md "$sweep"/results.csv "$sweep"/iou_curves.png "$sweep"/overlays_best_worst.png "$out"/
 for run in "$sweep"/*/seed*; do

@@ -138,3 +138,14 @@ def test_server_optimizer_state_options(how):
     assert equal_across_sites(mu[kernel]) and np.all(counts[kernel] == 4)
   else:
     assert np.all(mu[kernel] == 0) and np.all(counts[kernel] == 0)
+
+
+def test_rolled_and_unrolled_local_steps_give_the_same_round(fedavg):
+  """The local-step loop rolled (one step per iteration, the default) and fully unrolled."""
+  unrolled = build(tiny_config("fedavg", **{"optimizer.eps": 1e-3, "model.conv_impl": "unroll",
+                                            "model.scan_unroll": 4}))
+  a, la = fedavg.round_fn()(fedavg.fresh_state(), fedavg.arrays, fedavg.weights)
+  b, lb = unrolled.round_fn()(unrolled.fresh_state(), unrolled.arrays, unrolled.weights)
+  np.testing.assert_allclose(np.asarray(la), np.asarray(lb), rtol=1e-5)
+  for x, y in zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params)):
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-5)

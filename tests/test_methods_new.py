@@ -157,3 +157,22 @@ def test_unknown_loss_or_server_names_are_rejected_when_the_record_is_built():
   config.method = "fedproxx"
   with pytest.raises(ConfigError, match="config.method='fedproxx'"):
     methods.get_method(config)
+
+
+@pytest.mark.parametrize("method", ["fedprox", "ditto", "fedper", "fedbabu"])
+def test_new_methods_resume_exactly_and_evaluate_from_their_checkpoint(method, tmp_path):
+  """Checkpoints, resume, --mode eval and the reports work for every new method: a run
+  stopped after round 1 and resumed equals an uninterrupted one, and the checkpoint's
+  evaluation repeats its results."""
+  from lcfed_jax.run import eval_checkpoint, train
+  quiet = lambda *a, **k: None
+  cfg = lambda rounds, ft=1: tiny_config(method, rounds=rounds, **{"fedbabu.ft_rounds": ft, "log.tensorboard": False})
+  full = train.train_and_evaluate(cfg(2), str(tmp_path / "full"), log=quiet)
+  train.train_and_evaluate(cfg(1, ft=0), str(tmp_path / "resumed"), log=quiet)   # stopped after round 1
+  resumed = train.train_and_evaluate(cfg(2), str(tmp_path / "resumed"), log=quiet)
+  for a, b in zip(jax.tree.leaves(full["state"]), jax.tree.leaves(resumed["state"])):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  assert full["result"]["sites"] == resumed["result"]["sites"]
+  again = eval_checkpoint.evaluate_checkpoint(cfg(2), str(tmp_path / "full"), log=quiet)
+  assert again["sites"] == full["result"]["sites"] and again["site_rounds"] == full["result"]["site_rounds"]
+  assert (tmp_path / "full" / "results.md").read_text().startswith(f"# {method} on synthetic")

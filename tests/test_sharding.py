@@ -62,7 +62,7 @@ for n in (4, 1):
 #    lcfed (PCS codes and contrastive loss, HC heads gathered over devices in stage B and
 #    in the 'hc' predictor) and prrfl (Fourier amplitudes, divisor = real sites). Every
 #    stage runs one round from the same initial state; predictions of that state too.
-for method in ("lcfed", "prrfl", "lcfed_seeds"):
+for method in ("lcfed", "prrfl", "lcfed_seeds", "ditto"):
   over = dict(SIX, local_steps=1 if method == "prrfl" else 2, **({{"seeds": (0, 1)}} if method == "lcfed_seeds" else {{}}))
   config = tiny_config(method.split("_")[0], **over)
   data = generate(6, 32, SIX["data.train_sizes"], 4, 0)
@@ -84,8 +84,8 @@ for method in ("lcfed", "prrfl", "lcfed_seeds"):
       for key, leaf in flat(layout.strip(new).params).items():
         arrays[f"{{method}}{{n}}/params{{i}}/{{key}}"] = leaf
     if n == 4:
-      info[method] = {{"spec": str(state.params["head"]["kernel"].sharding.spec),
-                      "total": int(state.params["head"]["kernel"].shape[0])}}
+      leaf = jax.tree.leaves(state.params)[0]
+      info[method] = {{"spec": str(leaf.sharding.spec), "total": int(leaf.shape[0])}}
 
 np.savez(os.path.join(out, "arrays.npz"), **arrays)
 with open(os.path.join(out, "info.json"), "w") as f:
@@ -151,11 +151,12 @@ def test_four_devices_equal_one(four_devices):
   np.testing.assert_allclose(_numbers(r4["result"]), _numbers(r1["result"]), atol=1e-3, rtol=1e-3)
 
 
-@pytest.mark.parametrize("method", ["lcfed", "prrfl", "lcfed_seeds"])
+@pytest.mark.parametrize("method", ["lcfed", "prrfl", "lcfed_seeds", "ditto"])
 def test_padding_sites_change_nothing(four_devices, method):
   """Cross-site terms (HC's gathered heads, PCS codes, PRR-FL's amplitude mean and its
   divisor) see the 6 real sites only: 4 devices + 2 padding sites == 1 device, none.
-  'lcfed_seeds': two seeds on the replica axis, each gathering and averaging in its group."""
+  'lcfed_seeds': two seeds on the replica axis, each gathering and averaging in its group;
+  'ditto': its second, personal network beside the averaged one."""
   _, arrays, info = four_devices
   assert info[method] == {"spec": str(jax.sharding.PartitionSpec("sites")), "total": 8}
   keys = sorted(k[len(method) + 2:] for k in arrays if k.startswith(f"{method}4/"))
@@ -170,7 +171,7 @@ def test_padding_sites_change_nothing(four_devices, method):
     elif key == "probs":
       _close(x, y, 1e-4, key)
     else:                             # one Adam update (lcfed: the body's follows the head's)
-      _close(x, y, 1e-3 if method == "lcfed" else 2e-5, key)
+      _close(x, y, 2e-5 if method == "prrfl" else 1e-3, key)
 
 
 def test_checkpoint_of_padded_run_restores_on_one_device(four_devices):

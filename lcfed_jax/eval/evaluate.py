@@ -40,21 +40,25 @@ def postprocess_name(data, config) -> str:
 def score_predictions(preds: Mapping[int, np.ndarray], splits, data, config) -> Dict:
   """preds: {site index: uint8 [N_pad, H, W, nc]} for the sites this process holds
   (`splits[k]` not None; padding rows past the split's length are ignored). Every process
-  returns the same summary of all sites: the per-site means are gathered."""
+  returns the same summary of all sites: the per-site means are gathered. Besides each
+  metric's site mean, a site reports `<metric>_std`: the std over its units (images or
+  volumes), how much the method varies inside that site."""
   local = {}
   for k, pred in preds.items():
     split = splits[k]
-    local[k] = metrics.evaluate_site(
+    res = metrics.evaluate_site(
         pred[:len(split)], split.masks, unit=data.eval_unit, volume_ids=split.volume_ids,
         slice_index=split.slice_index, postprocess=postprocess_name(data, config),
-        empty_policy=config.eval.empty_policy,
-        sort_slices=config.eval.sort_slices)["mean"]
-  means = sharding.merge_sites(local)
-  missing = [data.site_names[k] for k in range(data.num_sites) if k not in means]
+        empty_policy=config.eval.empty_policy, sort_slices=config.eval.sort_slices)
+    spread = {f"{m}_std": float(np.nanstd(np.nanmean(res[m], axis=1))) for m in metrics.METRICS}
+    local[k] = (res["mean"], spread)
+  gathered = sharding.merge_sites(local)
+  missing = [data.site_names[k] for k in range(data.num_sites) if k not in gathered]
   if missing:
     raise RuntimeError(f"no process scored the sites {missing}")
-  summary = metrics.summarize_sites({n: {"mean": means[k]} for k, n in enumerate(data.site_names)})
-  return {"sites": summary["per_site"], "mean": summary["mean"], "std": summary["std"]}
+  summary = metrics.summarize_sites({n: {"mean": gathered[k][0]} for k, n in enumerate(data.site_names)})
+  sites = {n: dict(summary["per_site"][n], **gathered[k][1]) for k, n in enumerate(data.site_names)}
+  return {"sites": sites, "mean": summary["mean"], "std": summary["std"]}
 
 
 def local_predictions(out: Dict, data, keys=("pred",)) -> Dict[str, Dict[int, np.ndarray]]:

@@ -9,7 +9,7 @@
 # PROTOCOL=gpu: 256 px, base 16, 100 rounds of 50 local steps (+100 HC, +17 FT).
 # The sweep runs in workdirs/<task>_sweep (checkpoints stay there); a rerun skips the
 # methods that finished and resumes an interrupted one. METHODS, SEEDS, SWEEP_DIR and
-# RESULTS_DIR override the defaults; extra arguments go to launch.py after the protocol's.
+# RESULTS_DIR override the defaults (PYTHON the interpreter); extra arguments go to launch.py after the protocol's.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 task=${1:?usage: bash results/run.sh polyp|faz}
@@ -27,7 +27,7 @@ else
         --config.eval_every=5)
 fi
 sweep=${SWEEP_DIR:-workdirs/${task}_sweep}
-python launch.py --config "configs/${task}.py" --mode sweep --workdir "$sweep" --methods "$methods" \
+"${PYTHON:-python}" launch.py --config "configs/${task}.py" --mode sweep --workdir "$sweep" --methods "$methods" \
   --seeds "${SEEDS:-0}" --note "$note" "${size[@]}" --config.checkpoint_every=20 "${@:2}"
 out=${RESULTS_DIR:-results}/$task
 mkdir -p "$out"

@@ -186,3 +186,24 @@ def test_checkpoint_from_four_devices_restores_on_one(tmp_path):
                                       ["probs"] * setup.k)
   assert result["sites"] == scores["sites"] and result["mean"] == scores["mean"]
   assert (wd / "results.csv").exists() and json.loads((wd / "eval_best.json").read_text())["checkpoint_step"] == 1
+
+
+# ---------------------------------------------------------------- paths a sweep names
+
+def test_a_sweep_rows_checkpoint_restores(tmp_path):
+  """A sweep row with overrides (label `lcfed[lcfed.hc=False]`) saves under a path without
+  glob characters, where its checkpoint restores (orbax globs for its per-process files:
+  under `[...]` it saved checkpoints it could not read back)."""
+  from types import SimpleNamespace
+  from lcfed_jax.run import sweep, workdir as workdir_lib
+  wd = sweep.run_dir(tmp_path, "lcfed[lcfed.hc=False]", 0)
+  assert not set(str(wd)) & set(workdir_lib.GLOB_CHARS)
+  tree = {"w": np.arange(6.0, dtype=np.float32).reshape(2, 3)}
+  ckpts = ckpt_lib.Checkpoints(wd)
+  ckpts.save(1, tree, {"params": tree, "model_state": {}}, {"x": 1})
+  ckpts.close()
+  abstract = SimpleNamespace(params=ckpt_lib.abstract_like(tree), model_state={})
+  got = ckpt_lib.Checkpoints(wd, read_only=True).restore(1, abstract, items=("selected",))["selected"]
+  np.testing.assert_array_equal(got["params"]["w"], tree["w"])
+  with pytest.raises(UserError, match=r"glob characters"):
+    workdir_lib.check_writable(tmp_path / "runs[1]")

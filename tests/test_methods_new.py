@@ -85,7 +85,8 @@ def assert_round_matches_reference(s, stage_index=0, state=None):
   state = state if state is not None else s.fresh_state()
   ref_params, ref_losses = reference_round(s, state, stage_index)
   new, got_losses = s.round_fn(stage_index)(jax.tree.map(jnp.copy, state), s.arrays, s.weights)
-  np.testing.assert_allclose(np.asarray(got_losses), ref_losses, atol=1e-4)
+  # Losses of order 100 (Ditto's two networks) are compared relative to fp32 round-off.
+  np.testing.assert_allclose(np.asarray(got_losses), ref_losses, atol=1e-4, rtol=1e-5)
   # The gap to the reference, against how far the round moved the leaves it trains.
   pairs = list(zip(jax.tree.leaves(state.params), jax.tree.leaves(new.params), jax.tree.leaves(ref_params)))
   moved = [float(jnp.mean(jnp.abs(a - r))) for a, _, r in pairs if not np.array_equal(a, r)]

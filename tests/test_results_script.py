@@ -3,6 +3,7 @@ on generated FAZ-layout data; its table parses back to the runs' own results."""
 import json
 import os
 import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -20,7 +21,7 @@ TOY = ["--config.image_size=32", "--config.model.base=4", "--config.rounds=1", "
 def test_results_script_end_to_end(tmp_path):
   fx.faz(tmp_path / "raw" / "faz", n_sites=2, train=4, test=2)
   env = dict(os.environ, LCFED_DATA_DIR=str(tmp_path / "raw"), LCFED_TFDS_DIR=str(tmp_path / "tfds"),
-             METHODS="fedavg,lcfed", SWEEP_DIR=str(tmp_path / "sweep"), RESULTS_DIR=str(tmp_path / "results"))
+             METHODS="fedavg,lcfed", SWEEP_DIR=str(tmp_path / "sweep"), RESULTS_DIR=str(tmp_path / "results"), PYTHON=sys.executable)
   r = subprocess.run(["bash", str(ROOT / "results" / "run.sh"), "faz", *TOY], cwd=ROOT, env=env,
                      capture_output=True, text=True, timeout=900)
   assert r.returncode == 0, r.stderr[-3000:]

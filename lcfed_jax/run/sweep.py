@@ -6,7 +6,8 @@
 Every (method, seed) trains in its own workdir `DIR/<label>/seed<seed>/` through
 `train_and_evaluate`, so a run that finished (its results.json is there) is skipped and
 an interrupted one resumes from its checkpoint. A method may carry its own overrides,
-`lcfed:lcfed.hc=False`, as a separate row (label `lcfed[lcfed.hc=False]`). Everything is
+`lcfed:lcfed.hc=False`, as a separate row (label `lcfed[lcfed.hc=False]`, workdir
+`lcfed_lcfed.hc=False/`). Everything is
 checked before anything compiles: the method names, the seed list, every run's config and
 the workdir. One progress line per run gives the ETA of the whole sweep.
 
@@ -81,7 +82,9 @@ def parse_seeds(text: str, default: int) -> List[int]:
 
 
 def run_dir(workdir: Path, label: str, seed: int) -> Path:
-  return Path(workdir) / re.sub(r"[^A-Za-z0-9_.=,\[\]-]", "_", label) / f"seed{seed}"
+  """`lcfed[lcfed.hc=False]` runs in `lcfed_lcfed.hc=False/`: no glob characters in a
+  checkpoint's path (see `workdir.check_writable`)."""
+  return Path(workdir) / re.sub(r"[^A-Za-z0-9_.=,-]+", "_", label).strip("_") / f"seed{seed}"
 
 
 def plan(config, workdir, methods_text: str, seeds_text: str):

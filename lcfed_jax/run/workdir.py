@@ -66,7 +66,17 @@ def previous_config(workdir: Path, checkpoint_meta: Optional[Dict]) -> Optional[
   return None
 
 
+GLOB_CHARS = "[]*?"
+
+
 def check_writable(workdir: Path) -> None:
+  bad = sorted({c for c in str(Path(workdir).absolute()) if c in GLOB_CHARS})
+  if bad:
+    # Orbax finds a checkpoint's per-process files with a glob over this path: with a
+    # pattern character in it the files are not found, and the checkpoint saves but never
+    # restores.
+    raise UserError(f"--workdir {workdir} contains {' '.join(bad)}: checkpoints cannot be found "
+                    f"under a path with glob characters ({GLOB_CHARS}); choose another path")
   if workdir.exists() and not workdir.is_dir():
     raise UserError(f"--workdir {workdir} is a file, expected a directory (or a path that does not exist)")
   try:

@@ -109,9 +109,9 @@ def _close(a, b, atol, what):
 
 
 def _mostly_close(a, b, tight, loose, what):
-  """>= 99% of the elements within `tight`, all within `loose`."""
+  """The median element within `tight`, every element within `loose`."""
   err = np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64))
-  assert err.max() <= loose and np.mean(err > tight) <= 0.01, (what, err.max(), np.mean(err > tight))
+  assert err.max() <= loose and np.median(err) <= tight, (what, err.max(), np.median(err))
 
 
 def _compare(arrays, a, b, atol):
@@ -293,10 +293,11 @@ def test_two_process_checkpoint_restores_on_one_device(two_hosts, four_devices):
     # Rounding can move a max-pool's argmax, which reroutes part of a gradient: a few of
     # Adam's moments then differ by several percent at a site, and where a second moment is
     # tiny the normalised step by ~1e-4 (CPUs of other vector widths round differently).
-    # So: nearly every element tight, every element loosely; averaging the wrong sites or
-    # restoring a stale state moves most elements by far more than the tight bound.
-    tight = 1e-3 if "/opt_state/" in key else 1e-4
-    _mostly_close(value, arrays[key], tight, 20 * tight, key)
+    # So: the typical element tight, every element loosely; averaging the wrong sites or
+    # restoring a stale state moves the typical element by far more than the tight bound
+    # (one Adam step is ~1e-3 here).
+    tight = 1e-4 if "/opt_state/" in key else 1e-5
+    _mostly_close(value, arrays[key], tight, 200 * tight, key)
   result = eval_checkpoint.evaluate_checkpoint(config, str(workdir), log=QUIET)
   saved = json.loads((workdir / "results.json").read_text())
   assert result["site_rounds"] == saved["site_rounds"]

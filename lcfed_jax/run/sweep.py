@@ -7,9 +7,9 @@ Every (method, seed) trains in its own workdir `DIR/<label>/seed<seed>/` through
 `train_and_evaluate`, so a run that finished (its results.json is there) is skipped and
 an interrupted one resumes from its checkpoint. A method may carry its own overrides,
 `lcfed:lcfed.hc=False`, as a separate row (label `lcfed[lcfed.hc=False]`, workdir
-`lcfed_lcfed.hc=False/`). Everything is
-checked before anything compiles: the method names, the seed list, every run's config and
-the workdir. One progress line per run gives the ETA of the whole sweep.
+`lcfed_lcfed.hc=False/`). Everything is checked before anything compiles: the method
+names, the seed list, every run's config and the workdir. One progress line per run
+gives the ETA of the whole sweep.
 
 Then DIR holds `results.md` (per method: IoU and ASSD per site and their averages, as
 mean ± sample std over seeds when there are several), `results.csv` (every number,

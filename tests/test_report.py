@@ -157,3 +157,24 @@ def test_validation_split_is_carved_deterministically(lcfed_run):
     assert not set(tr[k].names) & set(va[k].names)                  # removed from training
     assert va[k].names == va2[k].names
   assert any(va[k].names != va3[k].names for k in range(len(va)))
+
+
+def test_side_by_side_scales_large_panels_down_and_keeps_small_ones(tmp_path):
+  """The sweep's best/worst overlay figure: two 1600-px panels are scaled down together to
+  the width bound, a tall pair to the height bound; two small ones keep their size."""
+  from PIL import Image
+  from lcfed_jax.run import plots
+  rng = np.random.default_rng(0)
+  for name, (w, h) in {"big": (1600, 700), "tall": (500, 2000), "small": (300, 200)}.items():
+    paths = []
+    for i in range(2):
+      p = tmp_path / f"{name}{i}.png"
+      Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(p)
+      paths.append((f"panel {i}", p))
+    out = Image.open(plots.side_by_side(paths, tmp_path / f"{name}_out.png", max_width=1800, max_height=1000))
+    if name == "big":
+      assert 1500 <= out.width <= 1900, out.size    # 3200 px of panels -> the width bound (+ margins)
+    elif name == "tall":
+      assert 900 <= out.height <= 1100, out.size    # 2000 px -> the height bound (+ title)
+    else:
+      assert out.width >= 600, out.size             # small panels keep their size

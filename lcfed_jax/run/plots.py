@@ -120,11 +120,15 @@ def method_curves(curves: Dict[str, Sequence[Sequence[Dict]]], path, title: str 
                         title or "mean test IoU per round (band: range over seeds)", ncol=2)
 
 
-def side_by_side(panels: Sequence, path) -> Path:
-  """[(title, png path), ...] next to each other in one figure."""
+def side_by_side(panels: Sequence, path, max_width: int = 1800, max_height: int = 1000) -> Path:
+  """[(title, png path), ...] next to each other in one figure, scaled down together to at
+  most `max_width` x `max_height` pixels (a results figure stays small enough to commit)."""
   from PIL import Image
   plt = _plt()
-  images = [np.asarray(Image.open(p).convert("RGB")) for _, p in panels]
+  images = [Image.open(p).convert("RGB") for _, p in panels]
+  scale = min(1.0, max_width / sum(i.width for i in images), max_height / max(i.height for i in images))
+  images = [np.asarray(i.resize((max(1, round(i.width * scale)), max(1, round(i.height * scale))),
+                                Image.LANCZOS)) for i in images]
   h = max(i.shape[0] for i in images)
   fig, axes = plt.subplots(1, len(images), figsize=(sum(i.shape[1] for i in images) / 90, h / 90 + 0.4),
                            squeeze=False)

@@ -1,6 +1,7 @@
 """Checkpoints: exact resume, retention, a kill during a save, restore on another topology."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -9,7 +10,8 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import ROOT, tiny_config
+from conftest import ROOT, tiny_config, xla_flags
+from lcfed_jax.config import defaults
 from lcfed_jax.run import checkpoints as ckpt_lib, train, eval_checkpoint
 from lcfed_jax.util import files as io_utils
 from lcfed_jax.run.runner import Run
@@ -92,6 +94,30 @@ def test_incompatible_resume_is_a_user_error(fedavg_runs):
     train.train_and_evaluate(tiny_config("fedavg", rounds=3), str(full_dir), log=QUIET)
 
 
+def test_a_run_saved_before_a_setting_existed_resumes_and_evaluates(fedavg_runs, tmp_path, monkeypatch):
+  """An older run's config.json and checkpoints lack a setting added since
+  (`defaults.ADDED_SETTINGS`): they read as holding the value that reproduces them, so the
+  run restarts (finished: nothing to do) and `--mode eval` evaluates it as before; the
+  value matters (another one is another experiment)."""
+  full_dir, full = fedavg_runs[:2]
+  old = tmp_path / "old"
+  shutil.copytree(full_dir, old)
+  saved = [old / "config.json", *old.glob("checkpoints/*/meta/metadata")]
+  assert len(saved) >= 3
+  for path in saved:
+    record = json.loads(path.read_text())
+    del (record if path.name == "config.json" else record["config"])["model"]["depth"]
+    path.write_text(json.dumps(record))
+  monkeypatch.setitem(defaults.ADDED_SETTINGS, "model.depth", 3)      # what this (tiny) run used
+  again = train.train_and_evaluate(tiny_config("fedavg", rounds=4), str(old), log=QUIET)
+  assert again["result"] == full["result"]
+  result = eval_checkpoint.evaluate_checkpoint(tiny_config("fedavg"), str(old), log=QUIET)
+  assert result["sites"] == full["result"]["sites"] and result["site_rounds"] == full["result"]["site_rounds"]
+  monkeypatch.setitem(defaults.ADDED_SETTINGS, "model.depth", 5)
+  with pytest.raises(UserError, match="model.depth: 5 -> 3"):
+    train.train_and_evaluate(tiny_config("fedavg", rounds=4), str(old), log=QUIET)
+
+
 def test_eval_without_checkpoint_names_workdir(tmp_path):
   with pytest.raises(UserError, match=str(tmp_path / "nothing")):
     eval_checkpoint.evaluate_checkpoint(tiny_config("fedavg"), str(tmp_path / "nothing"), log=QUIET)
@@ -165,7 +191,7 @@ def test_checkpoint_from_four_devices_restores_on_one(tmp_path):
       ck.close()
       flat = {{jax.tree_util.keystr(p): np.asarray(x) for p, x in jax.tree_util.tree_leaves_with_path(state)}}
       np.savez({str(tmp_path / "leaves.npz")!r}, **flat)
-      """, env_extra={"XLA_FLAGS": "--xla_force_host_platform_device_count=4"})
+      """, env_extra={"XLA_FLAGS": xla_flags("--xla_force_host_platform_device_count=4")})
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert jax.device_count() == 1
   config = tiny_config("fedavg", **{"eval.selection": "test"})

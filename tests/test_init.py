@@ -78,7 +78,7 @@ def _samples(method: str, **overrides):
 
 
 def _draw(method: str, **overrides):
-  c = tiny_config(method, image_size=SIZE, **overrides)
+  c = tiny_config(method, image_size=SIZE, **{"model.depth": 5, **overrides})   # every layer of the paper's net
   model = setup.build_model(c, get_method(c), 4, 3, 1)
   init = jax.jit(lambda k: model.init(k, jnp.zeros((1, SIZE, SIZE, 3)), 0, train=False))
   draws = [init(k) for k in jax.random.split(jax.random.PRNGKey(0), INITS)]

@@ -122,3 +122,30 @@ def test_bfloat16_compute_keeps_float32_params_and_finite_gradients():
   # average, not elementwise.
   a, b = np.asarray(out["probs"]).ravel(), np.asarray(ref).ravel()
   assert np.mean(np.abs(a - b)) < 0.1 and np.corrcoef(a, b)[0, 1] > 0.5
+
+
+@pytest.mark.parametrize("depth", [2, 3, 4])
+def test_a_shallower_unet_is_the_papers_outer_levels(depth):
+  """`depth` keeps down1..depth and up1..depth-1 with the 5-level net's shapes, except the
+  innermost decoder block, which (as up4 there) starts without its 3x3 conv."""
+  full = jax.tree.map(lambda a: a.shape, _params(SegModel(num_classes=1, base=4))["params"])
+  small = jax.tree.map(lambda a: a.shape, _params(SegModel(num_classes=1, base=4, depth=depth))["params"])
+  assert set(small) == {f"down{i}" for i in range(1, depth + 1)} | {f"up{i}" for i in range(1, depth)} | {"head"}
+  for name in small:
+    if name == f"up{depth - 1}":
+      assert "conv1" not in small[name] and small[name]["conv3"] == full[name]["conv3"]
+    else:
+      assert small[name] == full[name], name
+
+
+def test_depth_and_image_size_are_checked_together():
+  from conftest import tiny_config
+  from lcfed_jax.config.validate import validate
+  from lcfed_jax.util.errors import ConfigError
+  validate(tiny_config("lcfed", image_size=24, **{"model.depth": 4, "lcfed.pcs_n": 4}))   # 24 = 3 * 2^3
+  with pytest.raises(ConfigError, match=r"config.image_size=20: expected a multiple of 8 .*model.depth=4"):
+    validate(tiny_config("lcfed", image_size=20, **{"model.depth": 4}))
+  with pytest.raises(ConfigError, match=r"config.model.depth=8"):
+    validate(tiny_config("lcfed", **{"model.depth": 8}))
+  with pytest.raises(ConfigError, match=r"config.lcfed.pcs_n=4: expected 1..model.depth=3"):
+    validate(tiny_config("lcfed", **{"lcfed.pcs_n": 4}))

@@ -14,7 +14,7 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import ROOT, tiny_config, tiny_flags
+from conftest import ROOT, tiny_config, tiny_flags, xla_flags
 from lcfed_jax.run import checkpoints as ckpt_lib, train, eval_checkpoint
 from lcfed_jax.fed import setup, sharding
 from lcfed_jax.util.errors import ConfigError
@@ -97,7 +97,7 @@ with open(os.path.join(out, "info.json"), "w") as f:
 def four_devices(tmp_path_factory):
   out = tmp_path_factory.mktemp("sharding")
   env = dict(os.environ, PYTHONPATH=f"{ROOT}:{ROOT / 'tests'}",
-             XLA_FLAGS="--xla_force_host_platform_device_count=4")
+             XLA_FLAGS=xla_flags("--xla_force_host_platform_device_count=4"))
   proc = subprocess.run([sys.executable, "-c", textwrap.dedent(CHILD.format(six=SIX)), str(out)],
                         env=env, capture_output=True, text=True, timeout=900, cwd=str(ROOT))
   assert proc.returncode == 0, proc.stderr[-4000:]
@@ -225,7 +225,7 @@ def two_hosts(tmp_path_factory):
   port = _free_port()
   procs = []
   for pid in range(2):
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
+    env = dict(os.environ, XLA_FLAGS=xla_flags("--xla_force_host_platform_device_count=2"),
                JAX_COORDINATOR_ADDRESS=f"localhost:{port}", JAX_NUM_PROCESSES="2",
                JAX_PROCESS_ID=str(pid), JAX_PLATFORMS="cpu")
     procs.append(subprocess.Popen(

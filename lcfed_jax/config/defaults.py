@@ -10,6 +10,7 @@ size the tests and the notebooks' CI run use (`TINY`).
 """
 from __future__ import annotations
 
+import copy
 import os
 from typing import Dict
 
@@ -21,7 +22,7 @@ TASKS = ("synthetic", "polyp", "fundus", "prostate", "faz")
 
 # The test-suite / notebook-CI size: seconds per run on a CPU once compiled.
 TINY: Dict[str, object] = {
-    "image_size": 32, "model.base": 4, "batch_size": 2, "local_steps": 4, "rounds": 2,
+    "image_size": 32, "model.base": 4, "model.depth": 3, "batch_size": 2, "local_steps": 4, "rounds": 2,
     "eval_every": 1, "checkpoint_every": 1, "lcfed.head_iters": 1, "fedrep.head_iters": 1,
     "lcfed.hc_rounds": 1, "ft.rounds": 1, "fedbabu.ft_rounds": 1, "eval.batch_size": 2,
     "data.train_sizes": (10, 7, 5, 8), "data.test_size": 4,   # synthetic only
@@ -53,6 +54,23 @@ def parse_arg(arg: str, **defaults) -> ml_collections.ConfigDict:
       out[key] = value.lower() in ("true", "1")
     else:
       out[key] = kind(value)
+  return out
+
+
+# Settings added after runs were saved, each with the value that reproduces those runs:
+# an older config.json or checkpoint reads as if it held them (resume, --mode eval).
+ADDED_SETTINGS: Dict[str, object] = {"model.depth": 5}
+
+
+def with_added_settings(saved: Dict) -> Dict:
+  """A saved config (a dict) with every setting in ADDED_SETTINGS it lacks."""
+  out = copy.deepcopy(saved)
+  for key, value in ADDED_SETTINGS.items():
+    node = out
+    *parents, leaf = key.split(".")
+    for part in parents:
+      node = node.setdefault(part, {})
+    node.setdefault(leaf, value)
   return out
 
 
@@ -108,6 +126,7 @@ def base_config(task: str, method: str = "lcfed") -> ml_collections.ConfigDict:
 
   c.model = ml_collections.ConfigDict()
   c.model.base = 16              # U-Net base width
+  c.model.depth = 5              # U-Net levels (5: the paper's; fewer for quick tests)
   c.model.norm = "in"            # 'in' | 'bn' | 'gn'
   c.model.conv_impl = "auto"     # 'auto' (fastest measured per backend) or lcfed_jax.models.conv.IMPLEMENTATIONS
   c.model.scan_unroll = 1        # local steps per iteration of the local-step loop (1: rolled)

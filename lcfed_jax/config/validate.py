@@ -108,13 +108,17 @@ def validate(config) -> None:
 
 
 def _check_relations(config, v) -> None:
-  if v["image_size"] % 16:
-    _fail("image_size", v["image_size"], "a multiple of 16 (the U-Net pools four times)")
+  if not 2 <= v["model.depth"] <= 7:
+    _fail("model.depth", v["model.depth"], "an integer in 2..7 (5: the paper's U-Net)")
+  pools = v["model.depth"] - 1
+  if v["image_size"] % 2 ** pools:
+    _fail("image_size", v["image_size"], f"a multiple of {2 ** pools} (the U-Net of model.depth="
+          f"{v['model.depth']} pools {pools} times)")
   for method, key in (("lcfed", "lcfed.head_iters"), ("fedrep", "fedrep.head_iters")):
     if config.method == method and not v[key] < v["local_steps"]:
       _fail(key, v[key], f"an integer in [0, local_steps={v['local_steps']})")
-  if config.lcfed.pcs_n not in (1, 2, 3, 4, 5):
-    _fail("lcfed.pcs_n", config.lcfed.pcs_n, "1..5")
+  if not 1 <= config.lcfed.pcs_n <= v["model.depth"]:
+    _fail("lcfed.pcs_n", config.lcfed.pcs_n, f"1..model.depth={v['model.depth']}")
   if not 0.0 < v["eval.val_fraction"] < 1.0:
     _fail("eval.val_fraction", v["eval.val_fraction"], "a fraction in (0, 1)")
   seeds = tuple(config.seeds)

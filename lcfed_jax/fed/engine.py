@@ -37,7 +37,7 @@ from jax import lax
 from jax.sharding import PartitionSpec as P
 
 from lcfed_jax.data.device import SiteArrays, sample_batch
-from lcfed_jax.fed import optim, partition, server, sharding as sharding_lib
+from lcfed_jax.fed import optim, partition, programs, server, sharding as sharding_lib
 from lcfed_jax.fed.losses import LossContext
 from lcfed_jax.fed.methods import Method, Stage
 from lcfed_jax.fed.sharding import AXIS
@@ -54,24 +54,33 @@ class FedState:
 
 
 def init_state(model, optimizer, seed: int, num_sites: int, image_shape, same_init: bool = False,
-               synced=()) -> FedState:
+               synced=(), optimizer_key=None) -> FedState:
   """Independent init per site (as the official code), or one init copied to all sites;
   leaves matching the `synced` patterns start as site 0's draw everywhere.
 
   One unmapped init is compiled and run per site (a vmapped init compiles several times
   slower), with the non-partitionable threefry, which XLA:CPU compiles about 2.5x faster
-  for the model's many initializer shapes (the init runs once per experiment).
+  for the model's many initializer shapes. Both programs are shared in the process
+  (`programs`); the assembly's only where the caller names its optimizer by value
+  (`optimizer_key`), as optax transformations compare by identity.
   """
   root = jax.random.PRNGKey(seed)
   init_key, data_key = jax.random.split(root)
-  x = jnp.zeros((1,) + tuple(image_shape), jnp.float32)
   keys = jax.random.split(init_key, num_sites)
+  shape = (1,) + tuple(int(s) for s in image_shape)
+  init = programs.get(("init", model, shape), lambda: jax.jit(
+      lambda k: model.init(k, jnp.zeros(shape, jnp.float32), 0, train=False)))
   with jax.threefry_partitionable(False):
-    init = jax.jit(lambda k: model.init(k, x, 0, train=False))
     per_site = [init(keys[0] if same_init else keys[i]) for i in range(num_sites)]
+  make = lambda: _assembly(optimizer, tuple(synced))
+  assemble = make() if optimizer_key is None else programs.get(("assemble", optimizer_key, tuple(synced)), make)
+  return assemble(per_site, data_key)
 
+
+def _assembly(optimizer, synced):
   @jax.jit
   def assemble(per_site, data_key):   # one program, not one per leaf shape
+    num_sites = len(per_site)
     variables = jax.tree.map(lambda *a: jnp.stack(a), *per_site)
     if synced:
       mask = partition.match_mask(variables, synced)
@@ -80,7 +89,7 @@ def init_state(model, optimizer, seed: int, num_sites: int, image_shape, same_in
     return FedState(params=params, model_state={k: v for k, v in variables.items() if k != "params"},
                     opt_state=jax.vmap(optimizer.init)(params),
                     rng=jax.random.split(data_key, num_sites), round=jnp.zeros([], jnp.int32))
-  return assemble(per_site, data_key)
+  return assemble
 
 
 def unstacked(tree):
@@ -206,7 +215,7 @@ def make_round_fn(model, stage: Stage, masks: Masks, config, num_sites: int,
         unroll=max(int(config.model.scan_unroll), 1))
     loss = jnp.mean(losses, axis=0)
     finite = jnp.isfinite(loss) & jax.vmap(_all_finite)(params)
-    tree = stage.server.fn({"params": params, **model_state}, shared, weights, state.round, axis_name=AXIS)
+    tree = stage.server({"params": params, **model_state}, shared, weights, state.round, axis_name=AXIS)
     opt_state = _server_opt_state(opt_state, shared["params"], weights, stage, config, opt)
     new_state = state.replace(params=tree["params"],
                               model_state={k: v for k, v in tree.items() if k != "params"},

@@ -11,8 +11,7 @@ devices) or 'start' (this site's parameters at the start of the round).
 from __future__ import annotations
 
 import dataclasses
-import functools
-from typing import Any, Callable, Dict, FrozenSet, Optional
+from typing import Any, Callable, Dict, FrozenSet, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -91,13 +90,16 @@ TERMS: Dict[str, tuple] = {
 
 @dataclasses.dataclass(frozen=True)
 class Term:
+  """A registry function with its settings bound; equal terms (same name, weight and
+  settings) are the same program, so stages holding them compare and hash by value."""
   name: str
   weight: float
-  fn: Callable[[LossContext], jax.Array]
+  fn: Callable[..., jax.Array]
   needs: FrozenSet[str]
+  settings: Tuple[Tuple[str, Any], ...] = ()
 
   def __call__(self, ctx: LossContext) -> jax.Array:
-    return self.weight * self.fn(ctx)
+    return self.weight * self.fn(ctx, **dict(self.settings))
 
 
 def term(name: str, weight: float = 1.0, **settings) -> Term:
@@ -107,4 +109,4 @@ def term(name: str, weight: float = 1.0, **settings) -> Term:
   fn, needs, keys = TERMS[name]
   if set(settings) != set(keys):
     raise ConfigError(f"loss term {name!r} takes the settings {list(keys)}, got {sorted(settings)}")
-  return Term(name, float(weight), functools.partial(fn, **settings) if settings else fn, needs)
+  return Term(name, float(weight), fn, needs, tuple(sorted(settings.items())))

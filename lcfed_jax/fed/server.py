@@ -15,8 +15,7 @@ zero-weight (padding) site never enters a sum, whatever its values.
 from __future__ import annotations
 
 import dataclasses
-import functools
-from typing import Callable
+from typing import Any, Callable, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -130,10 +129,15 @@ STEPS = {
 
 @dataclasses.dataclass(frozen=True)
 class Step:
-  """`fn(tree, shared_mask, weights, round_index, axis_name) -> tree`."""
+  """`step(tree, shared_mask, weights, round_index, axis_name) -> tree`: a registry
+  function with its settings bound, compared and hashed by value (as `losses.Term`)."""
   name: str
   fn: Callable
   averages: bool
+  settings: Tuple[Tuple[str, Any], ...] = ()
+
+  def __call__(self, tree, shared_mask, weights, round_index, axis_name=None):
+    return self.fn(tree, shared_mask, weights, round_index, axis_name=axis_name, **dict(self.settings))
 
 
 def step(name: str, **settings) -> Step:
@@ -142,4 +146,4 @@ def step(name: str, **settings) -> Step:
   fn, keys, averages = STEPS[name]
   if set(settings) != set(keys):
     raise ConfigError(f"server step {name!r} takes the settings {list(keys)}, got {sorted(settings)}")
-  return Step(name, functools.partial(fn, **settings) if settings else fn, averages)
+  return Step(name, fn, averages, tuple(sorted(settings.items())))

@@ -16,7 +16,7 @@ from typing import Dict, Optional, Tuple
 import jax
 import jax.numpy as jnp
 
-from lcfed_jax.fed import engine, optim, sharding
+from lcfed_jax.fed import engine, optim, programs, sharding
 from lcfed_jax.fed.methods import Method, Stage, get_method
 from lcfed_jax.models.conv import default_impl
 from lcfed_jax.models.unet import SegModel, TwinSegModel
@@ -37,7 +37,8 @@ def conv_impl(config) -> str:
 def build_model(config, method: Method, num_sites: int, in_channels: int, num_classes: int):
   del in_channels   # the first convolution takes its input width from the data
   spec = method.model
-  common = dict(num_classes=num_classes, base=int(config.model.base), norm=spec.norm or config.model.norm,
+  common = dict(num_classes=num_classes, base=int(config.model.base), depth=int(config.model.depth),
+                norm=spec.norm or config.model.norm,
                 num_sites=num_sites, impl=conv_impl(config), dtype=compute_dtype(config))
   if spec.twin:
     return TwinSegModel(**common)
@@ -78,7 +79,8 @@ class Experiment:
     `config.seeds`, every seed's own initial state on a second axis: leaves [K, S, ...]."""
     c = self.config
     init = lambda seed: engine.init_state(self.model, self.optimizer(), seed, self.num_sites, self.image_shape,
-                                          bool(c.federated.same_init), self.method.synced_init)
+                                          bool(c.federated.same_init), self.method.synced_init,
+                                          optimizer_key=(programs.config_key(c), self.num_sites))
     if not self.seeds:
       return init(int(c.seed))
     per_seed = [init(seed) for seed in self.seeds]
@@ -95,10 +97,14 @@ class Experiment:
     return self._masks
 
   def round_fn(self, stage: Stage):
-    """The jitted round of `stage` (one compile per distinct stage record)."""
+    """The jitted round of `stage`: one program per distinct (model, stage, partition,
+    settings, layout) in the process (`lcfed_jax.fed.programs`)."""
     if stage not in self._rounds:
-      self._rounds[stage] = engine.make_round_fn(self.model, stage, self.masks, self.config,
-                                                 self.num_sites, self.layout)
+      m = self.method
+      key = ("round", self.model, stage, m.personal, m.exclusive, programs.config_key(self.config),
+             self.num_sites, self.layout)
+      self._rounds[stage] = programs.get(key, lambda: engine.make_round_fn(
+          self.model, stage, self.masks, programs.frozen(self.config), self.num_sites, self.layout))
     return self._rounds[stage]
 
   def use_compiled_predictor(self, output: str, eval_batch: int, compiled) -> None:
@@ -108,8 +114,8 @@ class Experiment:
   def predict_fn(self, output: str, eval_batch: int):
     key = (output, int(eval_batch))
     if key not in self._predictors:
-      self._predictors[key] = engine.make_predict_fn(self.model, output, int(eval_batch),
-                                                     self.num_sites, self.layout, len(self.seeds))
+      args = (self.model, output, int(eval_batch), self.num_sites, self.layout, len(self.seeds))
+      self._predictors[key] = programs.get(("predict",) + args, lambda: engine.make_predict_fn(*args))
     return self._predictors[key]
 
 

@@ -29,6 +29,7 @@ from typing import Dict, Iterable, Optional
 import jax
 import orbax.checkpoint as ocp
 
+from lcfed_jax.config.defaults import with_added_settings
 from lcfed_jax.util.errors import UserError
 
 
@@ -117,7 +118,8 @@ class Checkpoints:
 
   def read_meta(self, step: Optional[int] = None) -> Dict:
     step = self.latest_step() if step is None else step
-    return self.mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    meta = self.mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    return dict(meta, config=with_added_settings(meta["config"])) if "config" in meta else meta
 
   def restore(self, step: int, abstract, items=("state", "selected", "meta")) -> Dict:
     """{item: restored} for the requested items, placed as `abstract` says."""

@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional
 
+from lcfed_jax.config.defaults import with_added_settings
 from lcfed_jax.util import files
 from lcfed_jax.util.errors import UserError
 
@@ -60,7 +61,7 @@ def previous_config(workdir: Path, checkpoint_meta: Optional[Dict]) -> Optional[
   path = workdir / "config.json"
   if path.exists():
     try:
-      return json.loads(path.read_text())
+      return with_added_settings(json.loads(path.read_text()))
     except ValueError:
       raise UserError(f"{path} is not valid JSON: a workdir of an earlier run? use another --workdir")
   return None

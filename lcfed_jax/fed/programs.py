@@ -2,9 +2,9 @@
 
 Two experiments with the same model, stage, partition, program settings, number of
 sites and layout run the same round program. Building it again costs a trace, a
-lowering and a compile (or a persistent-cache read); a resume, an evaluation after
-training, the rows of a sequential seed sweep and most tests rebuild exactly such an
-experiment in the same process. So `setup.Experiment` asks this module for its jitted
+lowering and a compile (or a persistent-cache read); a run resumed in the same process
+(a notebook), the rows of a sequential seed sweep and most tests rebuild exactly such an
+experiment. So `setup.Experiment` asks this module for its jitted
 functions: an equal key returns the jitted function built first, with the traces and
 executables jax keeps inside it.
 

@@ -80,7 +80,7 @@ class Experiment:
     c = self.config
     init = lambda seed: engine.init_state(self.model, self.optimizer(), seed, self.num_sites, self.image_shape,
                                           bool(c.federated.same_init), self.method.synced_init,
-                                          optimizer_key=(programs.config_key(c), self.num_sites))
+                                          optimizer_key=programs.config_key(c))
     if not self.seeds:
       return init(int(c.seed))
     per_seed = [init(seed) for seed in self.seeds]

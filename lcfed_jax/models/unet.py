@@ -7,8 +7,7 @@ conv3-norm-relu), a 1x1 head and a sigmoid per class. Norms are instance norm wi
 affine parameters by default ('bn' for FedBN, 'gn' GroupNorm(1, C)).
 
 `depth` (5 in the paper) is the number of encoder levels. The tests' tiny size uses 3
-(down1..3, up2..1): every kind of block in about half the program, so LC-Fed's tiny
-round compiles 1.8x faster.
+(down1..3, up2..1): every kind of block, in about half the program to trace and compile.
 
 Submodule names are what the partition regexes of a method address:
 `down1`..`down5` (encoder), `up4`..`up1` (decoder), `head` (the personal 1x1 head),

@@ -6,10 +6,7 @@ on PyTorch >= 2.0 its gradient is None and `Adam.step` skips it: its parameters,
 moments and its (per-parameter) step count stay exactly as they were. Optax's Adam keeps
 one step count for the whole tree, so freezing by zeroing updates would still decay the
 moments and advance bias correction. This Adam keeps a step count per leaf and, for a
-frozen leaf, leaves everything untouched (`frozen='skip'`, default).
-
-`frozen='zero_grad'` reproduces PyTorch < 2.0 (B9 in docs/official_code.md): `zero_grad()` zeroed the
-gradient instead of clearing it, so frozen parameters still moved through their momentum.
+frozen leaf, leaves everything untouched.
 """
 from __future__ import annotations
 
@@ -31,17 +28,11 @@ def adam_init(params) -> AdamState:
                    jax.tree.map(lambda _: jnp.zeros([], jnp.int32), params))
 
 
-def adam_update(grads, state: AdamState, params, trainable, lr, *, b1=0.9, b2=0.999,
-                eps=1e-8, frozen="skip"):
+def adam_update(grads, state: AdamState, params, trainable, lr, *, b1=0.9, b2=0.999, eps=1e-8):
   """One step. `trainable` is a pytree of bool scalars (traced is fine) like `params`."""
 
   def leaf(g, m, v, c, p, t):
     g = g.astype(jnp.float32)
-    if frozen == "zero_grad":
-      g = jnp.where(t, g, 0.0)
-      t = jnp.ones_like(t)   # moments and count advance; the step is taken
-    elif frozen != "skip":
-      raise ValueError(f"frozen={frozen!r}; expected 'skip' or 'zero_grad'")
     c1 = c + 1
     m1 = b1 * m + (1 - b1) * g
     v1 = b2 * v + (1 - b2) * g * g

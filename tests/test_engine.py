@@ -19,7 +19,8 @@ def fedavg():
   # and the reference round can be compared tightly.
   # 'unroll' runs the very convolution the un-mapped reference runs: other algorithms
   # differ by float rounding, which max-pool ties can turn into different subgradients.
-  return build(tiny_config("fedavg", **{"optimizer.eps": 1e-3, "model.conv_impl": "unroll"}))
+  return build(tiny_config("fedavg", **{"optimizer.eps": 1e-3, "model.conv_impl": "unroll",
+                                        "federated.same_init": False}))
 
 
 def test_aggregate_means_shared_and_keeps_personal():
@@ -41,8 +42,22 @@ def test_fedavg_round_makes_every_leaf_equal_across_sites(fedavg):
     assert not equal_across_sites(before[path]), path   # independent init per site
 
 
+def test_every_site_starts_from_one_initial_model_unless_told_otherwise():
+  """Default: the server's one draw given to every site; `same_init=False`: each site its
+  own draw (the official script), of which site 0's is the common model."""
+  from lcfed_jax.fed import setup
+  states = {}
+  for same in (True, False):
+    exp = setup.build(tiny_config("lcfed", **{"federated.same_init": same}), 4, 3, 1, (32, 32, 3))
+    states[same] = flat(exp.init_state().params)
+  for path, leaf in states[True].items():
+    np.testing.assert_array_equal(leaf, np.broadcast_to(states[False][path][:1], leaf.shape), err_msg=path)
+    if "/kernel" in path or "/embed" in path:   # drawn at random (biases may start at zero)
+      assert not equal_across_sites(states[False][path]), path
+
+
 def test_local_round_keeps_sites_apart():
-  s = build(tiny_config("local"))
+  s = build(tiny_config("local", **{"federated.same_init": False}))
   state, _ = s.round_fn()(s.fresh_state(), s.arrays, s.weights)
   for path, leaf in flat(state.params).items():
     assert not equal_across_sites(leaf), path
@@ -143,7 +158,7 @@ def test_server_optimizer_state_options(how):
 def test_rolled_and_unrolled_local_steps_give_the_same_round(fedavg):
   """The local-step loop rolled (one step per iteration, the default) and fully unrolled."""
   unrolled = build(tiny_config("fedavg", **{"optimizer.eps": 1e-3, "model.conv_impl": "unroll",
-                                            "model.scan_unroll": 4}))
+                                            "model.scan_unroll": 4, "federated.same_init": False}))
   a, la = fedavg.round_fn()(fedavg.fresh_state(), fedavg.arrays, fedavg.weights)
   b, lb = unrolled.round_fn()(unrolled.fresh_state(), unrolled.arrays, unrolled.weights)
   np.testing.assert_allclose(np.asarray(la), np.asarray(lb), rtol=1e-5)

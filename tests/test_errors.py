@@ -115,6 +115,43 @@ def test_paths_that_cannot_be_written(tmp_path, earlier_run):
   assert checksums(wd) == before
 
 
+def _read_only(folder: Path):
+  """A command prefix that runs with `folder` mounted read-only (a user and mount
+  namespace, so it works for root too), or None where this machine cannot."""
+  if os.geteuid() != 0:
+    return []
+  probe = subprocess.run(["unshare", "-rm", "sh", "-c", f"mount --bind {folder} {folder} && "
+                          f"mount -o remount,bind,ro {folder} && ! touch {folder}/.probe"],
+                         capture_output=True)
+  return None if probe.returncode else ["unshare", "-rm", "sh", "-c", f"mount --bind {folder} {folder} && "
+                                        f"mount -o remount,bind,ro {folder} && exec \"$0\" \"$@\""]
+
+
+def test_eval_of_a_read_only_workdir_prints_and_writes_nothing(tmp_path, earlier_run):
+  """An archived study: `--mode eval` evaluates and prints, or writes where it is told."""
+  wd, before = earlier_run
+  prefix = _read_only(wd)
+  if prefix is None:
+    pytest.skip("cannot make a read-only folder here: running as root without user namespaces")
+  if not prefix:
+    os.chmod(wd, 0o555)
+  try:
+    args = [sys.executable, str(ROOT / "launch.py"), *tiny(), "--workdir", str(wd), "--mode", "eval"]
+    r = subprocess.run(prefix + args, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert "cannot be written: the results are printed" in r.stderr and "| fedavg |" in r.stderr
+    assert checksums(wd) == before
+    out = tmp_path / "elsewhere"
+    r = subprocess.run(prefix + args + [f"--config.eval.out_dir={out}"], cwd=ROOT, capture_output=True,
+                       text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert (out / "results.json").exists() and checksums(wd) == before
+    assert_user_error(subprocess.run(prefix + args + ["--config.eval.out_dir=/proc/lcfed"], cwd=ROOT,
+                                     capture_output=True, text=True, timeout=600), "/proc/lcfed")
+  finally:
+    os.chmod(wd, 0o755)
+
+
 # ---------------------------------------------------------------- data
 
 def _faz_site_masks(root: Path, site: str, value: int):

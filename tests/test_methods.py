@@ -13,6 +13,11 @@ from lcfed_jax.fed.methods import Phase
 from lcfed_jax.models.unet import SegModel
 
 
+# Sites drawing their own initial models (the official script): a leaf equal across
+# sites after a round was then averaged, so the partition can be read off the state.
+APART = {"federated.same_init": False}
+
+
 def _after_round(setup, stage_index=0, state=None):
   state = state if state is not None else setup.fresh_state()
   new, _ = setup.round_fn(stage_index)(state, setup.arrays, setup.weights)
@@ -21,7 +26,7 @@ def _after_round(setup, stage_index=0, state=None):
 
 @pytest.fixture(scope="module")
 def lcfed():
-  return build(tiny_config("lcfed"))
+  return build(tiny_config("lcfed", **APART))
 
 
 def _group(path):
@@ -44,7 +49,7 @@ def test_lcfed_round_shares_body_and_keeps_pcs_heads_hc_personal(lcfed):
 
 
 def test_lcfed_pcs_shared_averages_pcs():
-  s = build(tiny_config("lcfed", **{"lcfed.pcs_shared": True}))
+  s = build(tiny_config("lcfed", **{"lcfed.pcs_shared": True}, **APART))
   leaves, _ = _after_round(s)
   for path, x in leaves.items():
     assert equal_across_sites(x) == (_group(path) in ("body", "pcs")), path
@@ -72,6 +77,32 @@ def test_head_only_and_body_only_phases(lcfed):
       if "/bias" in path and _group(path) == "body":
         continue   # biases before instance norm may not move (their gradient is zero)
       assert changed == (_group(path) in expect_changed), (group, path)
+
+
+def test_personal_pcs_trains_in_the_steps_pcs_train_names():
+  """Default: PCS learns with the body whose features it calibrates, not in the head
+  steps; 'head' keeps the switch's rule for personal leaves, 'all' trains it throughout."""
+  from lcfed_jax.fed import engine, setup
+  for pcs_train, want in (("body", (False, True)), ("head", (True, False)), ("all", (True, True))):
+    exp = setup.build(tiny_config("lcfed", **{"lcfed.pcs_train": pcs_train}), 4, 3, 1, (32, 32, 3))
+    _, table = engine._phase_table(exp.method.stages[0], exp.masks, 4)
+    for path, flags in flat(table).items():
+      group = _group("params/" + path)
+      expect = {"pcs": want, "head": (True, False), "body": (False, True), "hc": (False, False)}[group]
+      assert tuple(bool(f) for f in flags) == expect, (pcs_train, path)
+
+
+def test_pcs_moves_in_the_body_steps_by_default(lcfed):
+  """End to end: each phase of stage A run alone; PCS changes only in the body phase."""
+  s = build(tiny_config("lcfed"))
+  before = flat({"params": s.state.params})
+  a = s.method.stages[0]
+  for phase, moves in zip(a.phases, (False, True)):
+    stage = dataclasses.replace(a, phases=(dataclasses.replace(phase, steps=None),), server=server.step("none"))
+    new, _ = s.round_fn(stage=stage)(s.fresh_state(), s.arrays, s.weights)
+    after = flat({"params": new.params})
+    pcs = [p for p in after if _group(p) == "pcs"]
+    assert pcs and all((not np.array_equal(after[p], before[p])) == moves for p in pcs), phase
 
 
 def test_contrastive_gradient_reaches_only_pcs():
@@ -107,7 +138,7 @@ def test_contrastive_uses_every_other_sites_code():
 @pytest.mark.parametrize("method,personal_groups", [
     ("fedavg", set()), ("local", {"head", "body"}), ("fedrep", {"head"})])
 def test_partitions_after_one_round(method, personal_groups):
-  s = build(tiny_config(method))
+  s = build(tiny_config(method, **APART))
   leaves, _ = _after_round(s)
   for path, x in leaves.items():
     assert equal_across_sites(x) == (_group(path) not in personal_groups), path

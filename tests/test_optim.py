@@ -81,6 +81,60 @@ def test_a_frozen_leaf_keeps_its_state_and_zero_grad_keeps_moving_it():
   assert not np.array_equal(np.asarray(p2["b"]), np.asarray(p1["b"]))
 
 
+def numpy_torch_lt2_adam(params, schedule, grads):
+  """PyTorch < 2.0's loop: `zero_grad()` zeroes every gradient that exists (it never
+  clears one), `backward()` fills the trainable leaves' gradients, `step()` updates
+  every leaf whose gradient is not None."""
+  p = {k: v.astype(np.float64) for k, v in params.items()}
+  grad = {k: None for k in p}
+  m = {k: np.zeros_like(v) for k, v in p.items()}
+  v = {k: np.zeros_like(x) for k, x in p.items()}
+  count = {k: 0 for k in p}
+  for step, trainable in enumerate(schedule):
+    grad = {k: None if g is None else np.zeros_like(g) for k, g in grad.items()}   # zero_grad()
+    for k in trainable:                                                               # backward()
+      grad[k] = grads(step)[k].astype(np.float64)
+    for k in p:                                                                       # step()
+      if grad[k] is None:
+        continue
+      count[k] += 1
+      m[k] = B1 * m[k] + (1 - B1) * grad[k]
+      v[k] = B2 * v[k] + (1 - B2) * grad[k] ** 2
+      p[k] = p[k] - LR * (m[k] / (1 - B1 ** count[k])) / (np.sqrt(v[k] / (1 - B2 ** count[k])) + EPS)
+  return p, m, v, count
+
+
+def test_zero_grad_steps_a_leaf_only_once_it_has_had_a_gradient():
+  """FedRep/LC-Fed's phase switch over two rounds of 2 head steps then 3 body steps;
+  'hc' is never trainable (LC-Fed's HC in stage A)."""
+  rng = np.random.default_rng(0)
+  params = {"body": rng.normal(size=(3,)).astype(np.float32), "hc": np.ones(2, np.float32),
+            "head": rng.normal(size=(2, 2)).astype(np.float32)}
+  grads = lambda step: {k: np.random.default_rng(100 + step).normal(size=a.shape).astype(np.float32)
+                        for k, a in sorted(params.items())}
+  one_round = [("head",)] * 2 + [("body",)] * 3
+  schedule = one_round * 2
+  c = tiny_config("fedavg", **{"optimizer.b1": B1, "optimizer.b2": B2, "optimizer.eps": EPS})
+  opt = optim.freezable(optim.make(c, LR), "zero_grad")
+  state, got = opt.init(params), params
+  update = jax.jit(lambda g, s, p, t: opt.update(g, s, p, trainable=t))
+  for step, trainable in enumerate(schedule):
+    t = {k: jnp.asarray(k in trainable) for k in params}
+    u, state = update(grads(step), state, got, t)
+    got = jax.tree.map(lambda p, d: p + d, got, u)
+    if step == len(one_round) - 1:   # after round 1: the body stepped in its 3 steps only
+      assert {k: int(c) for k, c in optim.field(state, "count", params).items()} == {"body": 3, "hc": 0, "head": 5}
+  want_p, want_m, want_v, want_count = numpy_torch_lt2_adam(params, schedule, grads)
+  counts = optim.field(state, "count", params)
+  for k in params:
+    assert int(counts[k]) == want_count[k], k
+    np.testing.assert_allclose(np.asarray(got[k]), want_p[k], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(optim.field(state, "mu", params)[k]), want_m[k], rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(np.asarray(optim.field(state, "nu", params)[k]), want_v[k], rtol=1e-5, atol=1e-9)
+  assert want_count == {"body": 8, "hc": 0, "head": 10}   # round 2's head steps move the body too
+  np.testing.assert_array_equal(np.asarray(got["hc"]), params["hc"])
+
+
 @pytest.mark.parametrize("name", ["sgd", "adamw"])
 def test_sgd_and_adamw_freeze_the_same_way(name):
   params = {"a": np.ones(3, np.float32), "b": np.ones((2, 2), np.float32)}

@@ -10,7 +10,7 @@ import pytest
 
 import data_fixtures as fx
 from conftest import ROOT
-from lcfed_jax.run import sweep
+from lcfed_jax.run import tables
 
 TOY = ["--config.image_size=32", "--config.model.base=4", "--config.rounds=1", "--config.lcfed.hc_rounds=1",
        "--config.ft.rounds=1", "--config.local_steps=2", "--config.lcfed.head_iters=1",
@@ -21,21 +21,29 @@ TOY = ["--config.image_size=32", "--config.model.base=4", "--config.rounds=1", "
 def test_results_script_end_to_end(tmp_path):
   fx.faz(tmp_path / "raw" / "faz", n_sites=2, train=4, test=2)
   env = dict(os.environ, LCFED_DATA_DIR=str(tmp_path / "raw"), LCFED_TFDS_DIR=str(tmp_path / "tfds"),
-             METHODS="fedavg,lcfed", SWEEP_DIR=str(tmp_path / "sweep"), RESULTS_DIR=str(tmp_path / "results"), PYTHON=sys.executable)
+             METHODS="fedavg,lcfed", SEEDS="0,1", SWEEP_DIR=str(tmp_path / "sweep"), RESULTS_DIR=str(tmp_path / "results"), PYTHON=sys.executable)
   r = subprocess.run(["bash", str(ROOT / "results" / "run.sh"), "faz", *TOY], cwd=ROOT, env=env,
                      capture_output=True, text=True, timeout=900)
   assert r.returncode == 0, r.stderr[-3000:]
   out = tmp_path / "results" / "faz"
   md = (out / "results.md").read_text()
   assert "Rerun: bash results/run.sh faz" in md and "Protocol:" in md and "| lcfed |" in md
-  table = sweep.read_csv(out / "results.csv")
+  assert "| lcfed (stage A) |" in md and "over seeds [0, 1]" in md
+  table = tables.read_csv(out / "results.csv")
   for method in ("fedavg", "lcfed"):
-    own = json.loads((out / "runs" / method / "seed0" / "results.json").read_text())
-    for site in own["site_names"]:
-      for m in ("iou", "assd"):
-        assert table[(method, "0", site)][m] == pytest.approx(own["sites"][site][m], abs=1e-12)
-    assert table[(method, "mean", "avg")]["iou"] == pytest.approx(own["mean"]["iou"], abs=1e-12)
-    assert (out / "runs" / method / "seed0" / "metrics.jsonl").stat().st_size > 0
+    means = []
+    for seed in ("0", "1"):   # seeds trained in one program, collected as separate runs
+      run = out / "runs" / method / f"seed{seed}"
+      own = json.loads((run / "results.json").read_text())
+      for site in own["site_names"]:
+        for m in ("iou", "assd"):
+          assert table[(method, seed, site)][m] == pytest.approx(own["sites"][site][m], abs=1e-12)
+      means.append(own["mean"]["iou"])
+      assert json.loads((run / "config.json").read_text())["seeds"] == [0, 1]
+      assert {"metrics.jsonl", "timing.json"} <= {p.name for p in run.iterdir()}
+    assert table[(method, "mean", "avg")]["iou"] == pytest.approx(np.mean(means), abs=1e-12)
+  stage_a = json.loads((out / "runs" / "lcfed" / "seed0" / "results.json").read_text())["earlier_stages"][0]
+  assert table[("lcfed (stage A)", "0", "avg")]["iou"] == pytest.approx(stage_a["mean"]["iou"], abs=1e-12)
   assert np.isfinite(table[("lcfed", "0", "avg")]["iou"])
   for fig in ("iou_curves.png", "overlays_best_worst.png"):
     assert (out / fig).stat().st_size > 0

@@ -9,7 +9,7 @@ from conftest import tiny_config
 from lcfed_jax.data.device import stack_splits
 from lcfed_jax.data.synthetic import generate
 from lcfed_jax.fed import server, setup
-from lcfed_jax.run import sweep
+from lcfed_jax.run import sweep, tables
 
 EXACT = {"optimizer.eps": 1e-3, "model.conv_impl": "unroll", "local_steps": 2}
 
@@ -88,7 +88,7 @@ def tiny_sweep(tmp_path_factory):
 
 def test_sweep_table_parses_back_to_numpys_mean_and_std(tiny_sweep):
   wd, _ = tiny_sweep
-  table = sweep.read_csv(wd / "results.csv")
+  table = tables.read_csv(wd / "results.csv")
   for method in ("fedavg", "local"):
     for site in ("clinic_a", "clinic_d", "avg"):
       for m in ("iou", "assd"):

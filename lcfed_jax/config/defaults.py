@@ -59,7 +59,7 @@ def parse_arg(arg: str, **defaults) -> ml_collections.ConfigDict:
 
 # Settings added after runs were saved, each with the value that reproduces those runs:
 # an older config.json or checkpoint reads as if it held them (resume, --mode eval).
-ADDED_SETTINGS: Dict[str, object] = {"model.depth": 5}
+ADDED_SETTINGS: Dict[str, object] = {"model.depth": 5, "lcfed.pcs_train": "head", "lcfed.hc_start": "last"}
 
 
 def with_added_settings(saved: Dict) -> Dict:
@@ -144,7 +144,8 @@ def base_config(task: str, method: str = "lcfed") -> ml_collections.ConfigDict:
   c.federated = ml_collections.ConfigDict()
   c.federated.weighting = "uniform"   # 'uniform' (official, 1/K) | 'size' (train-set size)
   c.federated.opt_state = "keep"      # optimizer state at the server step: 'keep' | 'mean' | 'reset'
-  c.federated.same_init = False       # official: independent init per site
+  c.federated.same_init = True        # one initial model for every site (the server's
+                                      # broadcast); False: each site its own draw (official script)
   c.federated.fixed_stream = False    # True: the released sampler's identical draws every round
   c.federated.frozen_adam = "skip"    # 'skip' (PyTorch >= 2.0) | 'zero_grad' (PyTorch < 2.0)
 
@@ -155,6 +156,8 @@ def base_config(task: str, method: str = "lcfed") -> ml_collections.ConfigDict:
   c.lcfed.pcs_n = 1              # PCS after the last pcs_n encoder blocks
   c.lcfed.pcs_pool = "avg+max"   # 'avg+max' (code) | 'avg' (figure)
   c.lcfed.pcs_shared = False     # True: PCS averaged (the authors' earlier/later code)
+  c.lcfed.pcs_train = "body"     # personal PCS trains in the 'body' steps | the 'head' steps | 'all'
+  c.lcfed.hc_start = "selected"  # stage B from each site's 'selected' stage-A model (train_hc.py) | the 'last' round
   c.lcfed.hc = True
   c.lcfed.hc_rounds = 300        # stage B rounds
   c.lcfed.hc_joint = False       # train HC alongside stage A instead of a stage B
@@ -194,6 +197,7 @@ def base_config(task: str, method: str = "lcfed") -> ml_collections.ConfigDict:
   c.eval.val_fraction = 0.1        # 'val': share of each site's training examples (volumes), at least 1
   c.eval.val_seed = 0              # which examples are carved (fixed across training seeds)
   c.eval.checkpoint = "best"       # --mode eval restores 'best' (the selected model) | 'latest'
+  c.eval.out_dir = ""              # --mode eval writes here ("": the workdir; printed only if read-only)
   c.eval.plots = True              # iou_curves.png and results_overlays.png in the workdir
   c.eval.overlay_examples = 2      # test examples per site in the overlay figure
 

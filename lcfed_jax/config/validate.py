@@ -20,6 +20,8 @@ CHOICES = {
     "federated.opt_state": ("keep", "mean", "reset"),
     "federated.frozen_adam": ("skip", "zero_grad"),
     "lcfed.pcs_pool": ("avg+max", "avg"),
+    "lcfed.pcs_train": ("body", "head", "all"),
+    "lcfed.hc_start": ("selected", "last"),
     "eval.empty_policy": ("strict", "strict_nan", "official_baseline"),
     "eval.selection": ("val", "test", "last"),
     "eval.checkpoint": ("best", "latest"),

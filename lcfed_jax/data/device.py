@@ -34,7 +34,7 @@ def stack_splits(splits: Sequence[Optional[SiteSplit]], num_padding_sites: int =
     raise ValueError("stack_splits: no site data on this process")
   n_max = max(max(len(s) for s in present), 1)
   if sharding is not None:
-    from lcfed_jax.fed.sharding import global_max
+    from lcfed_jax.util.hosts import global_max
     n_max = global_max(n_max)
   n_max = -(-n_max // pad_multiple) * pad_multiple
   first = present[0]
@@ -57,7 +57,7 @@ def stack_splits(splits: Sequence[Optional[SiteSplit]], num_padding_sites: int =
     everything = range(k)
     return jax.device_put(SiteArrays(block("images", everything), block("masks", everything),
                                      counts(everything)))
-  from lcfed_jax.fed.sharding import global_array
+  from lcfed_jax.util.hosts import global_array
   rows = lambda sl: range(k)[sl[0]]
   return SiteArrays(
       images=global_array(sharding, (k, n_max) + first.images.shape[1:], np.uint8,

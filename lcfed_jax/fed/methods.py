@@ -54,6 +54,9 @@ class Stage:
   learning_rate: Optional[float] = None   # None: config.learning_rate
   output: str = "probs"                   # what evaluation reads: 'probs' | 'hc'
   per_site_selection: bool = False        # FT: every site keeps its own best round
+  # Start from the model selected so far (fresh optimizer state, a selection of its
+  # own) instead of the last round: LC-Fed's stage B as `train_hc.py` runs it.
+  from_selected: bool = False
 
   @property
   def needs(self) -> frozenset:
@@ -120,8 +123,15 @@ def prrfl(config):
 
 
 def lcfed(config):
+  """Stage A: head steps, then body steps (FedRep's switch), Dice plus the contrastive
+  site loss on PCS's channel maps. A personal PCS trains where `lcfed.pcs_train` says:
+  with the body whose features it calibrates ('body'), in the head steps ('head': what
+  the switch does to every personal leaf) or in every step ('all'); a shared PCS
+  (`pcs_shared`) trains with the body. Stage B: HC alone on frozen features and heads,
+  from each site's selected stage-A model (`hc_start='selected'`) or the last round."""
   c = config.lcfed
-  personal = (HEAD,) + ((HC,) if c.hc else ()) + ((PCS,) if c.pcs and not c.pcs_shared else ())
+  pcs_personal = bool(c.pcs and not c.pcs_shared)
+  personal = (HEAD,) + ((HC,) if c.hc else ()) + ((PCS,) if pcs_personal else ())
   joint = bool(c.hc and c.hc_joint)
   loss = (losses.term("dice"),)
   if c.pcs and c.alpha:
@@ -129,11 +139,14 @@ def lcfed(config):
   if joint:   # HC trains on its own Dice beside stage A, on detached inputs
     loss += (losses.term("hc_dice"),)
   extra = (HC,) if joint else ()
-  phases = (Phase(("personal",) + extra, int(c.head_iters)), Phase(("shared",) + extra))
+  pcs_in = lambda steps: (PCS,) if pcs_personal and c.pcs_train in (steps, "all") else ()
+  phases = (Phase((HEAD,) + pcs_in("head") + extra, int(c.head_iters)),
+            Phase(("shared",) + pcs_in("body") + extra))
   stages = [Stage("A", config.rounds, phases, loss=loss, output="hc" if joint else "probs")]
   if c.hc and not joint:
     stages.append(Stage("B", c.hc_rounds, (Phase(HC),), loss=(losses.term("hc_dice"),),
-                        server=servers.step("none"), learning_rate=c.hc_learning_rate, output="hc"))
+                        server=servers.step("none"), learning_rate=c.hc_learning_rate, output="hc",
+                        from_selected=c.hc_start == "selected"))
   return Method("lcfed", personal, tuple(stages), model=ModelSpec(pcs=bool(c.pcs), hc=bool(c.hc)),
                 exclusive=(HC,) if c.hc else ())
 

@@ -9,8 +9,11 @@ transformation on every leaf separately (each leaf has its own state, step count
 included) and, for a leaf that is frozen in this step, keeps that state and emits a zero
 update (`frozen='skip'`).
 
-`frozen='zero_grad'` reproduces PyTorch < 2.0: `zero_grad()` zeroed the gradient instead
-of clearing it, so frozen parameters still moved through their momentum.
+`frozen='zero_grad'` reproduces PyTorch < 2.0: `zero_grad()` zeroed the gradients that
+existed instead of clearing them. A parameter that has had a gradient keeps a zero one
+while it is frozen, so Adam still steps it (its moments decay, its step count advances,
+it moves through its momentum); a parameter that never had one (grad None) is skipped.
+Each leaf's state therefore carries whether it has had a gradient (`ZeroGradLeaf.seen`).
 
 `config.optimizer.name`: 'adam' (PyTorch's Adam, the paper's), 'sgd' (with momentum, as
 the FedProx and Ditto papers train) or 'adamw' (decoupled weight decay).
@@ -44,6 +47,12 @@ class FreezableState(NamedTuple):
   leaves: Any      # the params' structure; every leaf holds the inner state of that leaf
 
 
+class ZeroGradLeaf(NamedTuple):
+  """A leaf's state under `frozen='zero_grad'`."""
+  inner: Any
+  seen: Any        # bool scalar: the leaf has had a gradient (PyTorch: p.grad is not None)
+
+
 def freezable(inner: optax.GradientTransformation, frozen: str = "skip"
               ) -> optax.GradientTransformationExtraArgs:
   """Per-leaf `inner`; `update(grads, state, params, trainable=...)`, where `trainable`
@@ -51,8 +60,12 @@ def freezable(inner: optax.GradientTransformation, frozen: str = "skip"
   if frozen not in ("skip", "zero_grad"):
     raise ConfigError(f"config.federated.frozen_adam={frozen!r}: expected 'skip' or 'zero_grad'")
 
+  def init_leaf(p):
+    s = inner.init(p)
+    return ZeroGradLeaf(s, jnp.zeros([], bool)) if frozen == "zero_grad" else s
+
   def init(params):
-    return FreezableState(jax.tree.map(inner.init, params))
+    return FreezableState(jax.tree.map(init_leaf, params))
 
   def update(grads, state, params=None, *, trainable, **extra):
     flat_g, tdef = jax.tree.flatten(grads)
@@ -62,17 +75,23 @@ def freezable(inner: optax.GradientTransformation, frozen: str = "skip"
     updates, states = [], []
     for g, s, p, t in zip(flat_g, flat_s, flat_p, flat_t):
       g = g.astype(jnp.float32)
-      if frozen == "zero_grad":   # the zeroed gradient still steps and counts
-        u, s1 = inner.update(jnp.where(t, g, 0.0), s, p)
+      if frozen == "zero_grad":   # a zeroed gradient steps once the leaf has had one
+        step = t | s.seen
+        u, s1 = _masked_update(inner, jnp.where(t, g, 0.0), s.inner, p, step)
+        s1 = ZeroGradLeaf(s1, step)
       else:
-        u, s1 = inner.update(g, s, p)
-        u = jnp.where(t, u, 0.0)
-        s1 = jax.tree.map(lambda new, old: jnp.where(t, new, old), s1, s)
+        u, s1 = _masked_update(inner, g, s, p, t)
       updates.append(u.astype(p.dtype))
       states.append(s1)
     return tdef.unflatten(updates), FreezableState(tdef.unflatten(states))
 
   return optax.GradientTransformationExtraArgs(init, update)
+
+
+def _masked_update(inner, g, s, p, on):
+  """`inner`'s update where `on` (a traced bool), else a zero update and the state kept."""
+  u, s1 = inner.update(g, s, p)
+  return jnp.where(on, u, 0.0), jax.tree.map(lambda new, old: jnp.where(on, new, old), s1, s)
 
 
 def map_leaf_states(fn, state: FreezableState, mask) -> FreezableState:
@@ -88,8 +107,8 @@ def field(state: FreezableState, name: str, params_like):
   tdef = jax.tree.structure(params_like)
   found = []
   for s in tdef.flatten_up_to(state.leaves):
-    hits = [x for x in jax.tree.leaves(s, is_leaf=lambda n: hasattr(n, name) and hasattr(n, "_fields"))
-            if hasattr(x, name)]
+    has = lambda n: name in getattr(n, "_fields", ())
+    hits = [x for x in jax.tree.leaves(s, is_leaf=has) if has(x)]
     if not hits:
       raise KeyError(f"no optimizer state field {name!r}")
     found.append(getattr(hits[0], name))

@@ -66,8 +66,14 @@ def to_markdown(result: Dict) -> str:
          f"Model: checkpoint '{result.get('checkpoint', 'best')}', selection "
          f"'{result['selection']}', {selected_rounds_text(result)}. IoU and Dice in %, "
          f"ASSD and HD95 in pixels; averages are plain means over sites.", "",
-         md_table(["Method"] + paper_header(names), [[result["method"]] + paper_row(result, names)]),
+         md_table(["Method"] + paper_header(names), [[result["method"]] + paper_row(result, names)] +
+                  [[f"{result['method']} (stage {e['stage']})"] + paper_row(e, names)
+                   for e in result.get("earlier_stages", [])]),
          "", "## Every metric per site", ""]
+  for e in result.get("earlier_stages", []):
+    out[-3:-3] = ["", f"The stage after stage {e['stage']} started from its selected model "
+                  f"({selected_rounds_text(e)}), shown in the row '(stage {e['stage']})' with the "
+                  f"test scores it had."]
   rows = [[s, str(result["site_rounds"][s])] + [fmt(result["sites"][s][m], m) for m in METRICS]
           for s in names]
   rows.append(["mean", ""] + [fmt(result["mean"][m], m) for m in METRICS])

@@ -140,9 +140,15 @@ class Run:
     return figure
 
 
-def result_record(run: Run, scores: Dict, selection_json: Dict, policy: str, checkpoint: str) -> Dict:
-  return {"method": run.method.name, "task": run.data.task, "site_names": list(run.data.site_names),
-          "selection": policy,
-          "checkpoint": checkpoint, "site_rounds": selection_json["site_rounds"],
-          "site_outputs": selection_json["site_outputs"], "sites": scores["sites"],
-          "mean": scores["mean"], "std": scores["std"]}
+def result_record(run: Run, scores: Dict, selection_json: Dict, policy: str, checkpoint: str,
+                  earlier_stages=()) -> Dict:
+  """What results.json holds; `earlier_stages`: the selections of stages a later stage
+  started from (`lcfed_jax.run.stages.selected_result`), with their test scores."""
+  out = {"method": run.method.name, "task": run.data.task, "site_names": list(run.data.site_names),
+         "selection": policy,
+         "checkpoint": checkpoint, "site_rounds": selection_json["site_rounds"],
+         "site_outputs": selection_json["site_outputs"], "sites": scores["sites"],
+         "mean": scores["mean"], "std": scores["std"]}
+  if earlier_stages:
+    out["earlier_stages"] = list(earlier_stages)
+  return out

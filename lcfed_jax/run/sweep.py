@@ -20,13 +20,11 @@ the best and the worst method by mean IoU).
 from __future__ import annotations
 
 import copy
-import csv
-import io
 import json
 import re
 import time
 from pathlib import Path
-from typing import Callable, Dict, List, Sequence, Tuple
+from typing import Callable, Dict, List, Tuple
 
 import numpy as np
 from absl import logging
@@ -34,11 +32,10 @@ from absl import logging
 from lcfed_jax.config.defaults import set_dotted
 from lcfed_jax.config.validate import validate
 from lcfed_jax.fed.methods import METHODS
-from lcfed_jax.run import progress, report, workdir as workdir_lib
+from lcfed_jax.run import plots, progress, tables, workdir as workdir_lib
+from lcfed_jax.run.train import train_and_evaluate
 from lcfed_jax.util import files
-from lcfed_jax.util.errors import ConfigError, UserError
-
-METRICS = report.METRICS
+from lcfed_jax.util.errors import ConfigError
 
 
 def _value(text: str):
@@ -135,7 +132,6 @@ def protocol_line(config, runs, note: str = "") -> str:
 
 def run_sweep(config, workdir, methods_text: str = "", seeds_text: str = "", note: str = "",
               log: Callable[[str], None] = logging.info) -> Dict:
-  from lcfed_jax.run.train import train_and_evaluate
   workdir = Path(workdir)
   runs = plan(config, workdir, methods_text, seeds_text)
   workdir_lib.check_writable(workdir)
@@ -157,90 +153,12 @@ def run_sweep(config, workdir, methods_text: str = "", seeds_text: str = "", not
 
 # ------------------------------------------------------------------ the summary
 
-def load_results(runs) -> Dict[str, Dict[int, Dict]]:
-  out: Dict[str, Dict[int, Dict]] = {}
-  for label, seed, wd in runs:
-    path = Path(wd) / "results.json"
-    if not path.exists():
-      raise UserError(f"sweep: {path} is missing (the run did not finish)")
-    out.setdefault(label, {})[seed] = json.loads(path.read_text())
-  return out
-
-
-def aggregate(per_seed: Dict[int, Dict], sites: Sequence[str]) -> Dict[str, Dict[str, Tuple[float, float]]]:
-  """{site or 'avg': {metric: (mean, sample std)}} over seeds (std 0 for one seed)."""
-  def stats(values):
-    v = np.asarray(values, np.float64)
-    return float(np.mean(v)), float(np.std(v, ddof=1)) if len(v) > 1 else 0.0
-  out = {s: {m: stats([r["sites"][s][m] for r in per_seed.values()]) for m in METRICS} for s in sites}
-  out["avg"] = {m: stats([r["mean"][m] for r in per_seed.values()]) for m in METRICS}
-  return out
-
-
-def _cell(stat: Tuple[float, float], metric: str, several: bool) -> str:
-  mean, std = stat
-  text = report.fmt(mean, metric)
-  return f"{text} ± {report.fmt(std, metric)}" if several else text
-
-
-def site_order(results: Dict[str, Dict[int, Dict]]) -> List[str]:
-  """The task's site order (results.json keeps it; its 'sites' mapping is sorted)."""
-  first = next(iter(next(iter(results.values())).values()))
-  return list(first.get("site_names") or first["sites"])
-
-
-def to_markdown(results: Dict[str, Dict[int, Dict]], protocol: str = "") -> str:
-  first = next(iter(next(iter(results.values())).values()))
-  sites = site_order(results)
-  seeds = sorted({s for r in results.values() for s in r})
-  several = len(seeds) > 1
-  header = ["Method"] + [f"IoU {s}" for s in sites] + ["IoU avg"] + [f"ASSD {s}" for s in sites] + ["ASSD avg"]
-  rows = []
-  for label, per_seed in results.items():
-    agg = aggregate(per_seed, sites)
-    rows.append([label] + [_cell(agg[s]["iou"], "iou", several) for s in sites + ["avg"]] +
-                [_cell(agg[s]["assd"], "assd", several) for s in sites + ["avg"]])
-  what = (f"mean ± sample std (ddof=1) over seeds {seeds}" if several else f"seed {seeds[0]}")
-  lines = [f"# {first.get('task', '?')}: {len(results)} methods", ""]
-  if protocol:
-    lines += [protocol, ""]
-  lines += [f"IoU in %, ASSD in pixels, {what}; averages are plain means over sites. Selection: "
-            f"{', '.join(sorted({r['selection'] for p in results.values() for r in p.values()}))}.", "",
-            report.md_table(header, rows)]
-  return "\n".join(lines) + "\n"
-
-
-def to_csv(results: Dict[str, Dict[int, Dict]]) -> str:
-  """method, seed ('mean'/'std' for the aggregates), site ('avg' for the site mean), metrics."""
-  buf = io.StringIO()
-  w = csv.writer(buf, lineterminator="\n")
-  w.writerow(("method", "seed", "site") + METRICS)
-  sites = site_order(results)
-  for label, per_seed in results.items():
-    for seed in sorted(per_seed):
-      r = per_seed[seed]
-      for s in sites:
-        w.writerow([label, seed, s] + [repr(float(r["sites"][s][m])) for m in METRICS])
-      w.writerow([label, seed, "avg"] + [repr(float(r["mean"][m])) for m in METRICS])
-    agg = aggregate(per_seed, sites)
-    for i, row in enumerate(("mean", "std")):
-      for s in sites + ["avg"]:
-        w.writerow([label, row, s] + [repr(agg[s][m][i]) for m in METRICS])
-  return buf.getvalue()
-
-
-def read_csv(path) -> Dict[Tuple[str, str, str], Dict[str, float]]:
-  """{(method, seed or 'mean'/'std', site or 'avg'): {metric: value}} of a sweep's results.csv."""
-  with open(path) as f:
-    return {(r["method"], r["seed"], r["site"]): {m: float(r[m]) for m in METRICS} for r in csv.DictReader(f)}
-
-
 def write_summary(workdir, runs, log: Callable[[str], None] = logging.info, protocol: str = "") -> Dict:
-  from lcfed_jax.run import plots
-  results = load_results(runs)
-  md = to_markdown(results, protocol)
+  results = tables.load_results(runs)
+  rows = tables.with_stage_rows(results)
+  md = tables.to_markdown(rows, protocol)
   files.atomic_write_text(Path(workdir) / "results.md", md)
-  files.atomic_write_text(Path(workdir) / "results.csv", to_csv(results))
+  files.atomic_write_text(Path(workdir) / "results.csv", tables.to_csv(rows))
   curves = {label: [files.read_jsonl(Path(wd) / "metrics.jsonl") for lb, _, wd in runs if lb == label]
             for label in results}
   plots.method_curves(curves, Path(workdir) / "iou_curves.png")

@@ -5,9 +5,11 @@ Training resumes: if WORKDIR/checkpoints holds a round of the same experiment
 the schedule position are restored from it, metrics.jsonl is cut back to that round, and
 the loop goes on from `state.round`; the round keys fold in the round, so the run ends
 exactly as an uninterrupted one. Checkpoints are saved every `checkpoint_every` rounds,
-at the end of every stage and at every round that changes the selected model. At the end
-the selected model is evaluated on every site's test split into results.md/csv/json and
-the figures are drawn.
+at the end of every stage and at every round that changes the selected model. A stage
+marked `from_selected` (LC-Fed's stage B) starts from the model selected so far with a
+fresh optimizer state and selects on its own; the earlier selection and its test scores
+are kept as `earlier_stages` (`lcfed_jax.run.stages`). At the end the selected model is
+evaluated on every site's test split into results.md/csv/json and the figures are drawn.
 
 A round whose loss or parameters are not finite at some site stops the run (exit 2)
 before anything of that round is evaluated, selected or saved: the latest checkpoint
@@ -21,7 +23,6 @@ every process runs this same loop and only process 0 writes files other than che
 from __future__ import annotations
 
 import concurrent.futures
-import dataclasses
 import json
 import os
 import time
@@ -37,9 +38,9 @@ from lcfed_jax.config.validate import validate
 from lcfed_jax.data.tasks import site_names as task_site_names
 from lcfed_jax.eval import evaluate as evaluation, selection
 from lcfed_jax.fed import sharding
-from lcfed_jax.fed.methods import Stage
-from lcfed_jax.run import checkpoints as ckpt_lib, plots, progress, report, runtime, workdir as workdir_lib
+from lcfed_jax.run import checkpoints as ckpt_lib, plots, progress, report, runtime, tables, workdir as workdir_lib
 from lcfed_jax.run.runner import Run, result_record, site_weights, split_sizes
+from lcfed_jax.run.stages import Schedule, restart_from_selected, selected_result
 from lcfed_jax.run.tensorboard import open_board
 from lcfed_jax.util import files
 from lcfed_jax.util.errors import UserError
@@ -47,32 +48,6 @@ from lcfed_jax.util.errors import UserError
 
 class DivergenceError(UserError):
   """A round produced a non-finite loss or parameters."""
-
-
-@dataclasses.dataclass
-class Schedule:
-  """Stages laid end to end on one global round counter (what a checkpoint stores)."""
-  stages: List[Stage]
-
-  @property
-  def total(self) -> int:
-    return sum(s.rounds for s in self.stages)
-
-  def spans(self):
-    start = 0
-    for s in self.stages:
-      yield s, start, start + s.rounds
-      start += s.rounds
-
-  def stage_at(self, completed_rounds: int) -> Stage:
-    """The stage whose output evaluation should read after `completed_rounds` rounds."""
-    last = self.stages[0]
-    for s, a, b in self.spans():
-      if s.rounds and a < completed_rounds <= b:
-        return s
-      if s.rounds and b <= completed_rounds:
-        last = s
-    return last
 
 
 def _cut_metrics(path: Path, last_round: int) -> List[Dict]:
@@ -160,6 +135,7 @@ def train_and_evaluate(config, workdir: str, log: Callable[[str], None] = loggin
   tracker = selection.make_tracker(policy, data.site_names, seeds)
   meta = ckpt_lib.run_meta(config, run, policy, schedule)
   latest = ckpts.latest_step() if bool(config.resume) else None
+  earlier: List = []   # per seed view, the selections of stages left behind (`stages`)
   if latest is not None:
     saved = ckpts.read_meta(latest)
     ckpt_lib.check_resumable(saved, exp.method.name, data.site_names, schedule)
@@ -169,6 +145,7 @@ def train_and_evaluate(config, workdir: str, log: Callable[[str], None] = loggin
     state = layout.pad(restored["state"])
     if saved["has_selection"]:
       tracker.load_json(saved["selection"], layout.pad(restored["selected"]))
+    earlier = saved.get("earlier_stages", [])
     log(f"resumed from {ckpts.dir / str(latest)} (round {int(state.round)}/{schedule.total})")
   start_round = int(state.round)
   # With a seed axis every seed keeps the files of a run of its own in WORKDIR/seed<s>/.
@@ -179,7 +156,8 @@ def train_and_evaluate(config, workdir: str, log: Callable[[str], None] = loggin
   def save(done: int, improved: bool = False):
     tree = tracker.tree if tracker.has_selection else selection.model_tree(state)
     ckpts.save(done, layout.strip(state), layout.strip(tree),
-               dict(meta, has_selection=tracker.has_selection, selection=tracker.to_json()),
+               dict(meta, has_selection=tracker.has_selection, selection=tracker.to_json(),
+                    earlier_stages=earlier),
                protect=tracker.selected_steps() | ({done} if improved else set()))
 
   bar = progress.Progress(schedule.total, log)
@@ -188,6 +166,15 @@ def train_and_evaluate(config, workdir: str, log: Callable[[str], None] = loggin
     for stage, a, b in schedule.spans():
       if b <= start_round or stage.rounds == 0:
         continue
+      if stage.from_selected and start_round <= a and tracker.has_selection:
+        before = schedule.previous(stage).name
+        sels = [t.to_json() for t in (tracker.trackers if seeds else [tracker])]
+        earlier = earlier + [[selected_result(histories[v], sels[v], data.site_names, before)
+                              for v in range(len(views))]]
+        state = restart_from_selected(state, tracker.tree)
+        log(f"stage {stage.name} starts from the stage-{before} selection: " + "; ".join(
+            (f"seed {seeds[v]} " if seeds else "") + report.selected_rounds_text(sel) for v, sel in enumerate(sels)))
+        tracker = selection.make_tracker(policy, data.site_names, seeds)
       round_fn = rounds[stage]
       predict = run.predictor(stage.output)
       bar.stage(stage.name, max(a, start_round))
@@ -244,7 +231,8 @@ def train_and_evaluate(config, workdir: str, log: Callable[[str], None] = loggin
   finals = []
   for v, seed_index in enumerate(views):
     one = tracker if not seeds else tracker.trackers[v]
-    final = result_record(run, scores if not seeds else scores[v], one.to_json(), policy, "best")
+    final = result_record(run, scores if not seeds else scores[v], one.to_json(), policy, "best",
+                          [e[v] for e in earlier])
     log((f"seed {seeds[v]} " if seeds else "") + f"selected ({policy}): " + report.selected_rounds_text(final))
     run.write_outputs(out_dirs[v], final, tracker.tree, out, one.outputs, "results", boards[v], seed_index)
     if run.plots and histories[v] and main_process:
@@ -252,11 +240,7 @@ def train_and_evaluate(config, workdir: str, log: Callable[[str], None] = loggin
                        title=f"{exp.method.name}: test IoU per site (selection: {policy})")
     finals.append(final)
   if seeds and main_process:   # the seeds side by side: mean ± std over seeds
-    from lcfed_jax.run import sweep
-    per_seed = {exp.method.name: dict(zip(seeds, finals))}
-    files.atomic_write_text(workdir / "results.md", sweep.to_markdown(per_seed))
-    files.atomic_write_text(workdir / "results.csv", sweep.to_csv(per_seed))
-    log(sweep.to_markdown(per_seed))
+    tables.write_seed_table(workdir, "results", {exp.method.name: dict(zip(seeds, finals))}, log)
   for board in boards:
     if board is not None:
       board.close()

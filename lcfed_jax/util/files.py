@@ -23,6 +23,17 @@ def atomic_write_text(path, text: str) -> None:
     raise
 
 
+def writable(folder) -> bool:
+  """Whether a file can be created in `folder` (made if missing). Tried, not read off the
+  permission bits, which say nothing for root or on a read-only mount."""
+  try:
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryFile(dir=folder):
+      return True
+  except OSError:
+    return False
+
+
 def atomic_write_json(path, obj) -> None:
   atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=jsonable) + "\n")
 

@@ -16,9 +16,10 @@ from PIL import Image
 
 import data_fixtures as fx
 from conftest import ROOT, tiny_config
-from lcfed_jax.config.defaults import base_config
+from lcfed_jax.config.defaults import base_config, set_dotted
 from lcfed_jax.config.validate import validate
 from lcfed_jax.data import pack, packfile, tasks
+from lcfed_jax.run import train
 from lcfed_jax.util.errors import ConfigError, DataError
 
 QUIET = lambda *a, **k: None
@@ -180,24 +181,18 @@ def _data_dir():
   return None
 
 
-# The JPEG quality `--quality auto` picks for the task's 256 px pack (30 MiB): the test
-# trains on the same coding at a small size.
-QUALITY_256 = {"faz": 50, "polyp": 85}
-
-
 @pytest.mark.skipif(_data_dir() is None, reason="real data not found: set LCFED_DATA_DIR or place it at ../shared/data")
-@pytest.mark.parametrize("task", ["faz"])
-def test_pack_and_raw_data_train_alike(task, tmp_path, monkeypatch):
-  """A short FedAvg run at 64 px on two sites from the pack and from the raw data: mean
-  test IoU within 0.5 points (the pack's images are JPEG at the 256 px pack's quality)."""
-  from lcfed_jax.config.defaults import set_dotted
-  from lcfed_jax.run import train
-  data = _data_dir()
-  if not (data / task).is_dir():
-    pytest.skip(f"{data / task} is absent")
+def test_pack_and_raw_data_train_alike(tmp_path, monkeypatch):
+  """A short FedAvg run at 64 px on two FAZ sites (3 rounds of 5 steps) from a pack at
+  quality 50 (what `--quality auto` picks for FAZ's 30 MiB pack at 256 px, the coarsest of
+  the two tasks) and one from the raw data: mean test IoU within 0.5 points (measured
+  +0.34). A single short run moves by a point or two under any small change of its inputs
+  (docs/datasets.md), so this catches a pack that is not the task's data, not the coding's
+  small effect, which the round trips above bound."""
+  task, data = "faz", _data_dir()
   monkeypatch.setenv("LCFED_TFDS_DIR", str(tmp_path / "tfds"))
   out = _build(tmp_path / "pack", task, "--image_size", 64, "--data_dir", data, "--set", "data.num_sites=2",
-               "--quality", QUALITY_256[task])
+               "--quality", 50)
   scores = {}
   for name, where in (("raw", ""), ("pack", str(out))):
     c = _real_config(task, data, tmp_path / "tfds", size=64)

@@ -127,11 +127,34 @@ def test_estimates_and_the_seed_split(tmp_path):
                               deadline_s=deadline, seeds_per_program=0, start=0, out=str(tmp_path / "o"),
                               results=str(results), runs=str(tmp_path / "r"), **extra))()
     session = gpu_session.Session(args, ["--config.rounds=300", "--config.lcfed.hc_rounds=300"])
-    return [(u["label"], u["seeds"], u["rounds"]) for u in gpu_session.plan(session)]
+    return [(u["label"], u["seeds"], u["rounds"], u["done"]) for u in gpu_session.plan(session)]
 
   # fedavg is collected; LC-Fed's 600 rounds x 3 seeds (about 340 s) fit a 530 s command...
-  assert plan("fedavg,lcfed", 530) == [("lcfed", [0, 1, 2], 600)]
+  assert plan("fedavg,lcfed", 530) == [("lcfed", [0, 1, 2], 600, 0)]
   # ...not a 300 s one, where one seed at a time (about 150 s) does
-  assert plan("fedavg,lcfed", 300) == [("lcfed", [0], 600), ("lcfed", [1], 600), ("lcfed", [2], 600)]
+  assert plan("fedavg,lcfed", 300) == [("lcfed", [s], 600, 0) for s in (0, 1, 2)]
   # where one seed does not fit either, splitting gains nothing: the seeds stay together
-  assert plan("fedavg,lcfed", 100) == [("lcfed", [0, 1, 2], 600)]
+  assert plan("fedavg,lcfed", 100) == [("lcfed", [0, 1, 2], 600, 0)]
+  # an interrupted program left on the machine resumes as it was, its rounds done counted
+  (tmp_path / "r" / "seeds_0-1-2" / "lcfed" / "checkpoints" / "450").mkdir(parents=True)
+  assert plan("fedavg,lcfed", 300) == [("lcfed", [0, 1, 2], 600, 450)]
+
+
+def test_a_method_still_running_at_the_deadline_is_stopped(tmp_path, monkeypatch):
+  """run_unit kills the method's process when its time is up and logs how far it got;
+  that attempt then informs the next estimate."""
+  args = type("A", (), dict(task="synthetic", config_arg="tiny", pack="p", out=str(tmp_path / "o"), start=0,
+                            results=str(tmp_path / "res"), runs=str(tmp_path / "runs"), deadline_s=530))()
+  session = gpu_session.Session(args, [])
+  unit = {"label": "fedavg", "item": "fedavg", "dir": "fedavg", "seeds": [0, 1], "rounds": 300, "done": 0}
+  seed_dir = tmp_path / "runs" / "seeds_0-1" / "fedavg" / "seed0"
+  seed_dir.mkdir(parents=True)
+  (seed_dir / "metrics.jsonl").write_text("".join(json.dumps({"round": r}) + "\n" for r in (10, 20)))
+  real_popen = subprocess.Popen
+  monkeypatch.setattr(gpu_session.subprocess, "Popen",
+                      lambda cmd, **kw: real_popen(["sleep", "60"], **kw))
+  assert gpu_session.run_unit(session, unit, timeout=1.0) == "interrupted"
+  event = session.events[-1]
+  assert event["event"] == "interrupted" and event["rounds_done"] == 20 and event["elapsed_s"] < 30
+  assert gpu_session.speed_samples(tmp_path / "res", session.events)[0]["per_round"] == \
+      pytest.approx(event["elapsed_s"] / 20)

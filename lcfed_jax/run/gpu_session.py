@@ -97,8 +97,8 @@ def collected_seeds(results: Path, run_dir: str) -> set:
 
 
 def speed_samples(results: Path, events: List[Dict]) -> List[Dict]:
-  """{'label', 'nseeds', 'per_round', 'compile'} of every finished or interrupted program
-  known: collected timing.json files (one per program), earlier sessions' interrupted
+  """{'dir', 'nseeds', 'per_round', 'compile'} of every finished or interrupted program
+  known: collected timing.json files (one per program), earlier sessions' logged
   attempts, and this command's events."""
   out, seen = [], set()
   for timing in sorted(results.glob("runs/*/seed*/timing.json")):
@@ -115,10 +115,10 @@ def speed_samples(results: Path, events: List[Dict]) -> List[Dict]:
       if (results / "sessions.jsonl").exists() else []
   for e in old + events:
     if e["event"] == "interrupted" and e.get("rounds_done"):
-      out.append({"label": e["label"], "dir": e["dir"], "nseeds": len(e["seeds"]),
+      out.append({"dir": e["dir"], "nseeds": len(e["seeds"]),     # its compilation counted in
                   "per_round": e["elapsed_s"] / e["rounds_done"], "compile": 0.0})
     if e["event"] == "finished" and e.get("rounds"):
-      out.append({"label": e["label"], "dir": e["dir"], "nseeds": len(e["seeds"]),
+      out.append({"dir": e["dir"], "nseeds": len(e["seeds"]),
                   "per_round": (e["wall_s"] - e["compile_s"]) / e["rounds"], "compile": e["compile_s"]})
   return out
 
@@ -135,7 +135,8 @@ def estimate(run_dir: str, rounds: int, nseeds: int, samples: List[Dict]) -> Opt
 
 
 def plan(session: Session) -> List[Dict]:
-  """The programs still to run, in method order: {'label', 'item', 'dir', 'seeds', 'rounds'}."""
+  """The programs still to run, in method order: {'label', 'item', 'dir', 'seeds', 'rounds',
+  'done'} ('done': rounds checkpointed on this machine by an interrupted command)."""
   from lcfed_jax.fed.methods import get_method
   from lcfed_jax.run import sweep
   a = session.args
@@ -153,10 +154,25 @@ def plan(session: Session) -> List[Dict]:
       session.log("skip", label=label, dir=run_dir, seeds=sorted(done), reason="collected already")
       continue
     groups = [todo]
-    if a.seeds_per_program == 1 or (len(todo) > 1 and _split(session, run_dir, rounds, len(todo))):
+    resumable = checkpointed_round(session.runs, run_dir, todo) > 0   # an earlier command's, this machine
+    if a.seeds_per_program == 1 or (len(todo) > 1 and not resumable and _split(session, run_dir, rounds, len(todo))):
       groups = [[s] for s in todo]
-    units += [{"label": label, "item": item, "dir": run_dir, "seeds": g, "rounds": rounds} for g in groups]
+    units += [{"label": label, "item": item, "dir": run_dir, "seeds": g, "rounds": rounds,
+               "done": checkpointed_round(session.runs, run_dir, g)} for g in groups]
   return units
+
+
+def sweep_dir(runs: Path, seeds) -> Path:
+  return runs / ("seeds_" + "-".join(map(str, seeds)))
+
+
+def checkpointed_round(runs: Path, run_dir: str, seeds) -> int:
+  """The latest checkpointed round of a program of `seeds` left on this machine by an
+  interrupted command (0: none); the sweep resumes from it."""
+  wd = sweep_dir(runs, seeds) / run_dir
+  wd = wd if len(seeds) > 1 else wd / f"seed{seeds[0]}"
+  steps = [int(p.name) for p in (wd / "checkpoints").glob("*") if p.name.isdigit()]
+  return max(steps, default=0)
 
 
 def _split(session, run_dir, rounds, nseeds) -> bool:
@@ -170,32 +186,32 @@ def _split(session, run_dir, rounds, nseeds) -> bool:
 
 # ------------------------------------------------------------------ running
 
-def rounds_done(sweep_dir: Path, run_dir: str) -> int:
+def rounds_done(where: Path, run_dir: str) -> int:
   """The last evaluated round of an interrupted program (its metrics.jsonl files)."""
   last = 0
-  for path in (sweep_dir / run_dir).glob("**/metrics.jsonl"):
+  for path in (where / run_dir).glob("**/metrics.jsonl"):
     for line in path.read_text().splitlines():
       if line.strip():
         last = max(last, int(json.loads(line)["round"]))
   return last
 
 
-def seed_folder(sweep_dir: Path, run_dir: str, seed: int) -> Path:
-  return sweep_dir / run_dir / f"seed{seed}"
+def seed_folder(where: Path, run_dir: str, seed: int) -> Path:
+  return where / run_dir / f"seed{seed}"
 
 
 def run_unit(session: Session, unit: Dict, timeout: float) -> str:
   """Runs one program of a method's seeds: 'finished', 'failed' or 'interrupted'."""
   a = session.args
-  sweep_dir = session.runs / ("seeds_" + "-".join(map(str, unit["seeds"])))
+  sweep = sweep_dir(session.runs, unit["seeds"])
   cmd = [sys.executable, str(ROOT / "launch.py"),
          f"--config={ROOT / 'configs' / f'{a.task}.py'}" + (f":{a.config_arg}" if a.config_arg else ""),
-         "--mode=sweep", f"--workdir={sweep_dir}", f"--methods={unit['item']}",
+         "--mode=sweep", f"--workdir={sweep}", f"--methods={unit['item']}",
          f"--seeds={','.join(map(str, unit['seeds']))}", *session.flags, f"--config.data.pack={a.pack}"]
   log_file = session.runs / "logs" / f"{unit['dir']}.seeds_{'-'.join(map(str, unit['seeds']))}.log"
   log_file.parent.mkdir(parents=True, exist_ok=True)
   t = time.time()
-  session.log("start", **{k: unit[k] for k in ("label", "dir", "seeds", "rounds")}, timeout_s=round(timeout))
+  session.log("start", **{k: unit[k] for k in ("label", "dir", "seeds", "rounds", "done")}, timeout_s=round(timeout))
   with open(log_file, "a") as f:
     proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT)
     try:
@@ -204,21 +220,21 @@ def run_unit(session: Session, unit: Dict, timeout: float) -> str:
       proc.kill()
       proc.wait()
       session.log("interrupted", label=unit["label"], dir=unit["dir"], seeds=unit["seeds"],
-                  elapsed_s=round(time.time() - t, 1), rounds_done=rounds_done(sweep_dir, unit["dir"]),
-                  rounds=unit["rounds"], note="stopped at the deadline; its checkpoints stay in "
-                  f"{sweep_dir} for a second command on this machine")
+                  elapsed_s=round(time.time() - t, 1), rounds_done=rounds_done(sweep, unit["dir"]) - unit["done"],
+                  rounds=unit["rounds"], checkpointed=checkpointed_round(session.runs, unit["dir"], unit["seeds"]),
+                  note=f"stopped at the deadline; its checkpoints stay in {sweep} for a second command on this machine")
       return "interrupted"
   wall = time.time() - t
-  if rc != 0 or not all((seed_folder(sweep_dir, unit["dir"], s) / "results.json").exists() for s in unit["seeds"]):
+  if rc != 0 or not all((seed_folder(sweep, unit["dir"], s) / "results.json").exists() for s in unit["seeds"]):
     tail = log_file.read_text()[-1500:]
     session.log("failed", label=unit["label"], dir=unit["dir"], seeds=unit["seeds"], rc=rc, tail=tail)
     return "failed"
-  timing = _timing(sweep_dir, unit)
+  timing = _timing(sweep, unit)
   session.log("finished", label=unit["label"], dir=unit["dir"], seeds=unit["seeds"], wall_s=round(wall, 1),
-              compile_s=timing.get("compile_wall_s", 0.0), rounds=unit["rounds"], device=timing.get("device"),
-              mean_iou={s: json.loads((seed_folder(sweep_dir, unit["dir"], s) / "results.json").read_text())["mean"]["iou"]
+              compile_s=timing.get("compile_wall_s", 0.0), rounds=unit["rounds"] - unit["done"], device=timing.get("device"),
+              mean_iou={s: json.loads((seed_folder(sweep, unit["dir"], s) / "results.json").read_text())["mean"]["iou"]
                         for s in unit["seeds"]})
-  session.finished.append(dict(unit, sweep=sweep_dir))
+  session.finished.append(dict(unit, sweep=sweep))
   return "finished"
 
 
@@ -227,8 +243,8 @@ def _beside(seed_dir: Path, name: str) -> Path:
   return seed_dir / name if (seed_dir / name).exists() else seed_dir.parent / name
 
 
-def _timing(sweep_dir: Path, unit: Dict) -> Dict:
-  return json.loads(_beside(seed_folder(sweep_dir, unit["dir"], unit["seeds"][0]), "timing.json").read_text())
+def _timing(where: Path, unit: Dict) -> Dict:
+  return json.loads(_beside(seed_folder(where, unit["dir"], unit["seeds"][0]), "timing.json").read_text())
 
 
 def write_archive(session: Session) -> Path:
@@ -304,14 +320,15 @@ def run(args, launch_flags: List[str]) -> int:
     print(f"error: {e}", file=sys.stderr)
     return 2
   session.log("plan", pack_bytes=manifest.get("total_bytes"), image_codec=manifest["image_codec"],
-              units=[{k: u[k] for k in ("label", "seeds", "rounds")} for u in units])
+              units=[{k: u[k] for k in ("label", "seeds", "rounds", "done")} for u in units])
   if units and not device_check(session):
     print("error: no GPU visible to JAX (SMOKE=1 runs on a CPU)", file=sys.stderr)
     return 3
   remaining = list(units)
   while remaining:
     unit = remaining[0]
-    est = estimate(unit["dir"], unit["rounds"], len(unit["seeds"]), speed_samples(session.results, session.events))
+    est = estimate(unit["dir"], unit["rounds"] - unit["done"], len(unit["seeds"]),
+                   speed_samples(session.results, session.events))
     if est is not None and est > session.left():
       session.log("stop", reason="the next method would not finish before the deadline", label=unit["label"],
                   seeds=unit["seeds"], estimate_s=round(est), left_s=round(session.left()))

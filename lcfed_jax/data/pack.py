@@ -19,6 +19,7 @@ line on bad input.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 
@@ -40,8 +41,9 @@ def _config(args):
     c.data_dir = args.data_dir
   for item in args.set:
     key, sep, value = item.partition("=")
-    if not sep or not key.startswith("data.") or key.split(".", 1)[1] not in c.data:
-      raise ConfigError(f"--set {item!r}: expected data.<key>=<value>, key one of {sorted(c.data)}")
+    settable = sorted(k for k in c.data if k not in ("task", "pack"))
+    if not sep or not key.startswith("data.") or key.split(".", 1)[1] not in settable:
+      raise ConfigError(f"--set {item!r}: expected data.<key>=<value>, key one of {settable}")
     default = c.data[key.split(".", 1)[1]]
     if isinstance(default, bool):
       value = value.lower() in ("1", "true")
@@ -108,6 +110,8 @@ def main(argv=None) -> int:
     if args.quality != "auto" and not (args.quality.isdigit() and 1 <= int(args.quality) <= 95):
       raise UserError(f"--quality {args.quality!r}: expected auto or an integer in 1..95")
     config = _config(args)
+    if os.path.exists(args.out):
+      raise UserError(f"--out {args.out} exists; remove it or choose another folder (a pack is never overwritten)")
     t0 = time.time()
     data = tasks.load_task(config)
     t_load = time.time() - t0

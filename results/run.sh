@@ -9,22 +9,27 @@
 # FT), evaluation every 5 rounds, model selection on the carved validation split, seeds
 # 0, 1, 2 trained in one program per method. LC-Fed's run also reports its stage-A
 # selection (the row "lcfed (stage A)"), so stage A needs no run of its own.
+# PROTOCOL=gpu: the paper's schedule at 256 px, base 16, 300 rounds of 50 local steps
+# (+300 HC, +50 FT and FedBABU fine-tuning rounds), seeds 0,1,2 in one program
+# (results/protocol.sh holds both; on a device session use results/gpu_run.sh instead).
 # STUDY=methods (default): the paper's rows (METHODS adds the other baselines).
 # STUDY=ablation: LC-Fed with {one common initial model, each site's own draw} x {PCS
 # trained with the body, in the head steps}, and with a shared PCS; its default row is the
 # methods study's LC-Fed run (linked, not run again when it exists).
-# PROTOCOL=gpu: 256 px, base 16, 100 rounds of 50 local steps (+100 HC, +17 FT).
 # The sweep runs in workdirs/<task>_sweep (checkpoints stay there); a rerun skips the
 # methods that finished and resumes an interrupted one. METHODS, SEEDS, SWEEP_DIR and
-# RESULTS_DIR override the defaults (PYTHON the interpreter); extra arguments go to launch.py after the protocol's.
+# RESULTS_DIR override the defaults (PYTHON the interpreter), PACK trains from a data pack
+# (python -m lcfed_jax.data.pack) instead of the raw data; extra arguments go to launch.py
+# after the protocol's.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 task=${1:?usage: bash results/run.sh polyp|faz}
 export LCFED_DATA_DIR=${LCFED_DATA_DIR:-$(cd .. && pwd)/shared/data}
+source results/protocol.sh
 sweep=${SWEEP_DIR:-workdirs/${task}_sweep}
 out=${RESULTS_DIR:-results}/$task
 methods=${METHODS:-local,fedavg,ft,fedbn,fedrep,prrfl,lcfed}
-rerun="bash results/run.sh $task"
+rerun="${PROTOCOL:+PROTOCOL=$PROTOCOL }bash results/run.sh $task"
 if [ "${STUDY:-methods}" = ablation ]; then
   rerun="STUDY=ablation $rerun"
   methods=${METHODS:-lcfed,lcfed:lcfed.pcs_train=head,lcfed:federated.same_init=False,lcfed:federated.same_init=False:lcfed.pcs_train=head,lcfed:lcfed.pcs_shared=True}
@@ -36,19 +41,9 @@ if [ "${STUDY:-methods}" = ablation ]; then
     ln -s "$(cd "$default_run" && pwd)" "$sweep/lcfed"
   fi
 fi
-if [ "${PROTOCOL:-reduced}" = gpu ]; then
-  note="GPU protocol. Rerun: PROTOCOL=gpu $rerun."
-  size=(--config.image_size=256 --config.model.base=16 --config.local_steps=50 --config.lcfed.head_iters=10
-        --config.fedrep.head_iters=10 --config.rounds=100 --config.lcfed.hc_rounds=100 --config.ft.rounds=17
-        --config.eval_every=10)
-else
-  note="Reduced CPU protocol (not the paper's: 96 px, base 8, 60 rounds of 10 local steps). Rerun: $rerun."
-  size=(--config.image_size=96 --config.model.base=8 --config.local_steps=10 --config.lcfed.head_iters=2
-        --config.fedrep.head_iters=2 --config.rounds=60 --config.lcfed.hc_rounds=60 --config.ft.rounds=10
-        --config.eval_every=5)
-fi
+note="$protocol_note Rerun: $rerun."
 "${PYTHON:-python}" launch.py --config "configs/${task}.py" --mode sweep --workdir "$sweep" --methods "$methods" \
-  --seeds "${SEEDS:-0,1,2}" --note "$note" "${size[@]}" --config.checkpoint_every=20 "${@:2}"
+  --seeds "${SEEDS:-$protocol_seeds}" --note "$note" "${protocol_args[@]}" ${PACK:+"--config.data.pack=$PACK"} "${@:2}"
 mkdir -p "$out"
 cp "$sweep"/results.md "$sweep"/results.csv "$sweep"/iou_curves.png "$sweep"/overlays_best_worst.png "$out"/
 for run in "$sweep"/*/seed*; do

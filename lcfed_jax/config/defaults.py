@@ -59,7 +59,8 @@ def parse_arg(arg: str, **defaults) -> ml_collections.ConfigDict:
 
 # Settings added after runs were saved, each with the value that reproduces those runs:
 # an older config.json or checkpoint reads as if it held them (resume, --mode eval).
-ADDED_SETTINGS: Dict[str, object] = {"model.depth": 5, "lcfed.pcs_train": "head", "lcfed.hc_start": "last"}
+ADDED_SETTINGS: Dict[str, object] = {"model.depth": 5, "lcfed.pcs_train": "head", "lcfed.hc_start": "last",
+                                     "data.pack": ""}
 
 
 def with_added_settings(saved: Dict) -> Dict:
@@ -110,6 +111,9 @@ def base_config(task: str, method: str = "lcfed") -> ml_collections.ConfigDict:
   c.data = ml_collections.ConfigDict()
   c.data.task = task
   c.data.num_sites = 0           # synthetic: number of sites; real tasks: 0 = all
+  c.data.pack = ""               # a data pack folder (python -m lcfed_jax.data.pack): the sites come
+                                 # from it alone, no raw data or TFDS; its task, image size and data
+                                 # settings must be the config's. "": the raw data / generator
   if task == "synthetic":
     c.data.num_sites = 4
     c.data.train_sizes = (120, 80, 60, 100)   # per site (repeated when there are more sites)

@@ -135,6 +135,7 @@ def _check_relations(config, v) -> None:
       _fail("data.test_size", config.data.test_size, "a positive integer")
     if not config.data.train_sizes or not all(isinstance(n, int) and n > 0 for n in config.data.train_sizes):
       _fail("data.train_sizes", config.data.train_sizes, "positive integers")
-  elif not config.data_dir and not config.data.root:
+  elif not config.data_dir and not config.data.root and not config.data.pack:
     raise ConfigError(f"config.data_dir is empty: set it (or the LCFED_DATA_DIR environment variable) "
-                      f"to the directory that holds the {config.data.task} data")
+                      f"to the directory that holds the {config.data.task} data, or "
+                      f"config.data.pack to a data pack built with python -m lcfed_jax.data.pack")

@@ -1,5 +1,7 @@
 """One entry point for every task's data: `site_names(config)` (cheap: no data read) and
-`load_task(config, sites) -> FederatedData` (the splits of `sites` only, None elsewhere)."""
+`load_task(config, sites) -> FederatedData` (the splits of `sites` only, None elsewhere).
+With `config.data.pack` set the data come from that pack alone (lcfed_jax/data/packfile.py),
+without TFDS or the raw files."""
 from __future__ import annotations
 
 from typing import Iterable, List, Optional
@@ -7,8 +9,15 @@ from typing import Iterable, List, Optional
 from lcfed_jax.data.types import FederatedData
 
 
+def _pack(config) -> str:
+  return str(config.data.get("pack", "") or "")
+
+
 def site_names(config) -> List[str]:
   """The task's sites, in order, from the config and a directory listing alone."""
+  if _pack(config):
+    from lcfed_jax.data.packfile import site_names as pack_sites
+    return pack_sites(config)
   if config.data.task == "synthetic":
     from lcfed_jax.data.synthetic import site_names as synthetic_sites
     return synthetic_sites(int(config.data.num_sites))
@@ -19,6 +28,9 @@ def site_names(config) -> List[str]:
 def load_task(config, sites: Optional[Iterable[int]] = None) -> FederatedData:
   """Every site's splits, or those of `sites` (indices; the others are None)."""
   task = config.data.task
+  if _pack(config):
+    from lcfed_jax.data.packfile import load_pack
+    return load_pack(config, sites=sites)
   if task == "synthetic":
     from lcfed_jax.data.synthetic import generate
     return generate(num_sites=int(config.data.num_sites), image_size=int(config.image_size),

@@ -18,6 +18,7 @@ Both read the text of `compiled.as_text()` (the optimised HLO the device runs):
 """
 from __future__ import annotations
 
+import functools
 import math
 import re
 from typing import Dict, List, Optional, Tuple
@@ -135,6 +136,12 @@ class Module:
     return out
 
 
+@functools.lru_cache(maxsize=2)
+def parse(text: str) -> Module:
+  """The module of `text`, parsed once for the profile's several readings."""
+  return Module(text)
+
+
 # ---- FLOPs and bytes ----------------------------------------------------------------------
 
 def _window_taps(m: Module, ins: Instr, out_labels: str, out: List[int]) -> float:
@@ -242,7 +249,7 @@ def trip_count(ins: Instr) -> Optional[int]:
 def round_cost(text: str) -> Dict:
   """{'flops', 'conv_flops', 'dot_flops', 'bytes', 'loops': [[name, trips]],
   'unknown_trip_loops'} of one call of the module."""
-  m = Module(text)
+  m = parse(text)
   acc = {"flops": 0.0, "conv_flops": 0.0, "dot_flops": 0.0, "bytes": 0.0, "loops": [],
          "unknown_trip_loops": 0}
 
@@ -315,7 +322,7 @@ def _category(m: Module, ins: Instr, batch: int) -> str:
 
 def classify(text: str, batch: int) -> Dict[str, Tuple[str, str]]:
   """{instruction name: (category, where in the model)} of every instruction."""
-  m = Module(text)
+  m = parse(text)
   out = {}
   for ins in m.by_name.values():
     where = "/".join(p for p in ins.op_name.split("/")
@@ -327,7 +334,7 @@ def classify(text: str, batch: int) -> Dict[str, Tuple[str, str]]:
 def excerpt(text: str, names) -> str:
   """The module's text cut down to the instructions `names` (in one ENTRY computation)
   and every computation they call: what `classify` needs to label them."""
-  m = Module(text)
+  m = parse(text)
   keep = [n for n in names if n in m.lines]
   loops = ("while", "call", "conditional")   # their bodies are ops of their own
   called, todo = [], [c for n in keep if m.by_name[n].opcode not in loops for c in m.by_name[n].called()]

@@ -146,10 +146,14 @@ def run_round(a):
     jax.block_until_ready(losses)
     times.append(time.perf_counter() - t)
   logdir = tempfile.mkdtemp(prefix="lcfed_profile_")
-  with jax.profiler.trace(logdir):
-    for _ in range(a.profile_rounds):
-      state, losses, _ = compiled(state, data, weights)
-      jax.block_until_ready(losses)
+  error = None
+  try:   # a profiler that fails (no CUPTI, say) still leaves the timing above to report
+    with jax.profiler.trace(logdir):
+      for _ in range(a.profile_rounds):
+        state, losses, _ = compiled(state, data, weights)
+        jax.block_until_ready(losses)
+  except Exception as e:  # noqa: BLE001
+    error = f"{type(e).__name__}: {e}"[:400]
   found = glob.glob(f"{logdir}/**/*.xplane.pb", recursive=True)
   round_s = statistics.median(times) if times else None
   images = a.sites * max(a.seeds, 1) * a.batch * a.local_steps
@@ -160,6 +164,8 @@ def run_round(a):
           "img_per_s": round(images / round_s, 1) if round_s else None,
           "loss_finite": bool(np.all(np.isfinite(np.asarray(losses)))),
           "xla_cost_analysis": hlo_ops.xla_cost(compiled), "trace": logdir}
+  if error:
+    head["profiler_error"] = error
   return head, text, found[0] if found else None
 
 
@@ -223,7 +229,12 @@ def main(argv=None) -> int:
     head, text, xplane = run_round(a)
     rounds = a.profile_rounds
   head = dict(setting, **head)
+  images = a.sites * max(a.seeds, 1) * a.batch * a.local_steps
+  peak = next((v for k, v in PEAKS.items() if k in str(head.get("device", ""))), (None, None))
+  peaks = (a.peak_tflops or peak[0], a.peak_tbps or peak[1])
   if xplane is None:
+    if text:
+      head.update(roofline(hlo_ops.round_cost(text), head.get("round_s"), images, *peaks))
     print(json.dumps(dict(head, error="the profiler wrote no .xplane.pb")), flush=True)
     return 2
   planes = trace_ops.load(xplane)
@@ -248,10 +259,7 @@ def main(argv=None) -> int:
   if head.get("round_s"):
     head["busy_fraction"] = round(times.busy_ns / 1e9 / rounds / head["round_s"], 4)
   if text:
-    peak = next((v for k, v in PEAKS.items() if k in str(head.get("device", ""))), (None, None))
-    images = a.sites * max(a.seeds, 1) * a.batch * a.local_steps
-    head.update(roofline(hlo_ops.round_cost(text), head.get("round_s"), images,
-                         a.peak_tflops or peak[0], a.peak_tbps or peak[1]))
+    head.update(roofline(hlo_ops.round_cost(text), head.get("round_s"), images, *peaks))
   print(json.dumps(head), flush=True)
   for line in ops + cats + [summary]:
     print(json.dumps(line), flush=True)

@@ -54,7 +54,8 @@ def apply(presets: Sequence[str] = (), extra: str = "") -> str:
 def add_arguments(parser) -> None:
   parser.add_argument("--xla_preset", nargs="*", default=[], choices=sorted(PRESETS),
                       help="named XLA GPU settings (bench/xla_flags.py)")
-  parser.add_argument("--xla_flags", default="", help="more XLA flags, appended to $XLA_FLAGS")
+  parser.add_argument("--xla_flags", default="",
+                      help="more XLA flags, appended to $XLA_FLAGS (write --xla_flags=\"--a=1 --b=2\")")
 
 
 def apply_from_argv(argv: Sequence[str]) -> str:

@@ -23,7 +23,8 @@ STEPS = ("env", "torch", "profile", "sites32", "seeds8", "pallas", "autotune0", 
 def smoke(tmp_path_factory):
   pytest.importorskip("torch")
   out = tmp_path_factory.mktemp("gpu_out")
-  env = dict(os.environ, SMOKE="1", OUT=str(out), PY=sys.executable, TORCH_PY=sys.executable)
+  env = dict(os.environ, SMOKE="1", OUT=str(out), PY=sys.executable, TORCH_PY=sys.executable,
+             JAX_COMPILATION_CACHE_DIR=os.environ.get("LCFED_JAX_CACHE", str(out / "cache")))
   env.pop("STEPS", None)
   run = subprocess.run(["bash", "bench/gpu_check.sh"], cwd=ROOT, env=env, capture_output=True,
                        text=True, timeout=900)

@@ -144,7 +144,7 @@ def parse(text: str) -> Module:
 
 # ---- FLOPs and bytes ----------------------------------------------------------------------
 
-def _window_taps(m: Module, ins: Instr, out_labels: str, out: List[int]) -> float:
+def _window_taps(ins: Instr, lhs: List[int], out: List[int], lhs_labels: str, out_labels: str) -> float:
   """Kernel taps that land inside the (unpadded) input, summed over output positions, as
   XLA counts them: per spatial dimension, output o and tap k read o*stride + k*dilation
   - pad_lo, which must lie in the input."""
@@ -156,8 +156,6 @@ def _window_taps(m: Module, ins: Instr, out_labels: str, out: List[int]) -> floa
   pads = [tuple(int(v) for v in p.split("_")) for p in field("pad").split("x")] if field("pad") else [(0, 0)] * len(sizes)
   strides = [int(s) for s in field("stride").split("x")] if field("stride") else [1] * len(sizes)
   dil = [int(s) for s in field("rhs_dilate").split("x")] if field("rhs_dilate") else [1] * len(sizes)
-  lhs_labels = re.search(r"dim_labels=(\w+)_", ins.attrs).group(1)
-  lhs = m.dims(ins.operands[0])
   total = 1.0
   for d, k in enumerate(sizes):
     n_in, n_out = lhs[lhs_labels.index(str(d))], out[out_labels.index(str(d))]
@@ -167,18 +165,22 @@ def _window_taps(m: Module, ins: Instr, out_labels: str, out: List[int]) -> floa
 
 
 def _conv_flops(m: Module, ins: Instr) -> float:
-  """2 x (output element, in-bounds tap) pairs x input features per group."""
+  """2 x (output element, in-bounds tap) pairs x input features per group, in terms of
+  the forward convolution the dimension labels describe: a cuDNN backward call's result
+  is the forward input (BackwardInput) or kernel (BackwardFilter), its operands the rest."""
   labels = re.search(r"dim_labels=(\w+)_(\w+)->(\w+)", ins.attrs)
   if not labels or len(ins.operands) < 2:
     return 0.0
-  rhs_labels, out_labels = labels.group(2), labels.group(3)
-  rhs = m.dims(ins.operands[1])
-  out = m.dims(ins.shape)
-  if not rhs or not out or "i" not in rhs_labels:
+  lhs_labels, rhs_labels, out_labels = labels.groups()
+  result, a, b = m.dims(ins.shape), m.dims(ins.operands[0]), m.dims(ins.operands[1])
+  lhs, rhs, out = {"__cudnn$convBackwardInput": (result, b, a),
+                   "__cudnn$convBackwardFilter": (a, result, b)}.get(ins.target, (a, b, result))
+  if not (lhs and rhs and out) or "i" not in rhs_labels:
     return 0.0
   spatial = math.prod(out[i] for i, c in enumerate(out_labels) if c.isdigit())
   per_position = math.prod(out) / max(spatial, 1)   # batch x output features
-  return 2.0 * per_position * _window_taps(m, ins, out_labels, out) * rhs[rhs_labels.index("i")]
+  taps = _window_taps(ins, lhs, out, lhs_labels, out_labels)
+  return 2.0 * per_position * taps * rhs[rhs_labels.index("i")]
 
 
 def _dot_flops(m: Module, ins: Instr) -> float:
@@ -237,6 +239,7 @@ def instr_bytes(m: Module, ins: Instr) -> float:
     return 2 * m.bytes_of(ins.shape)
   if ins.opcode == "dynamic-update-slice" and len(ins.operands) > 1:
     return 2 * m.bytes_of(m.shapes.get(ins.operands[1], ""))
+  # A cuDNN / cuBLAS call's result is (output, u8[] workspace): the workspace is scratch.
   out = m.bytes_of(ins.shape.split(", u8[")[0]) if ins.opcode == "custom-call" else m.bytes_of(ins.shape)
   return out + sum(m.bytes_of(m.shapes.get(o, "")) for o in ins.operands)
 

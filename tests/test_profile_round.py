@@ -212,3 +212,21 @@ def test_cost_counts_loop_trips():
   assert c5["loops"] and c5["unknown_trip_loops"] == 0
   assert c5["conv_flops"] == 5 * c1["conv_flops"] and c5["dot_flops"] == 5 * c1["dot_flops"]
   assert hlo_ops.xla_cost(five)["flops"] < 2 * hlo_ops.xla_cost(one)["flops"]   # XLA: the body once
+
+
+def test_cudnn_calls_count_as_their_forward_convolution():
+  """XLA:GPU may rewrite a convolution into cuDNN's backward-input / backward-filter call,
+  whose result is the forward input or kernel: each counts the forward's FLOPs."""
+  conv = ('  %{n} = ({shape}, u8[0]{{0}}) custom-call({ops}), window={{size=3x3 pad=1_1x1_1}}, '
+          'dim_labels=b01f_01io->b01f, custom_call_target="__cudnn$conv{kind}"')
+  act, ker = "bf16[6,64,64,16]{3,2,1,0}", "bf16[3,3,16,16]{3,2,1,0}"
+  body = [f"  %x = {act} parameter(0)", f"  %w = {ker} parameter(1)", f"  %dy = {act} parameter(2)",
+          conv.format(n="f", shape=act, ops="%x, %w", kind="Forward"),
+          conv.format(n="i", shape=act, ops="%dy, %w", kind="BackwardInput"),
+          conv.format(n="k", shape=ker, ops="%x, %dy", kind="BackwardFilter"),
+          "  ROOT %t = () tuple()"]
+  text = "HloModule m\n\nENTRY %main (x: bf16[1]) -> () {\n" + "\n".join(body) + "\n}\n"
+  cost = hlo_ops.round_cost(text)
+  assert cost["conv_flops"] == 3 * 2 * 6 * 16 * 16 * 190 ** 2
+  cats = hlo_ops.classify(text, 6)
+  assert [cats[n][0] for n in "fik"] == ["conv fwd", "conv dgrad", "conv wgrad"]

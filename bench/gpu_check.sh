@@ -43,17 +43,18 @@ fi
 # toy one on a CPU with XLA's cheap compile (run time does not matter there).
 SIZE="--size 384 --base 16 --local_steps 50 --batch 6"
 TORCH_SIZE="--size 384 --base 16 --local_steps 50 --batch 6"
-K32=32; K_SEEDS=4; SEEDS=8; ROUNDS=3
+K32=32; K_SEEDS=4; SEEDS=8; ROUNDS=3; K4=4
 TORCH_EXTRA=""
 if [ "$SMOKE" = 1 ]; then
   SIZE="--size 16 --base 4 --depth 2 --local_steps 1 --batch 2"
   TORCH_SIZE="--size 32 --base 4 --local_steps 1 --batch 2"   # its U-Net has 5 levels
-  K32=4; K_SEEDS=2; SEEDS=2; ROUNDS=1
+  K32=4; K_SEEDS=2; SEEDS=2; ROUNDS=1; K4=2
   TORCH_EXTRA="--compile_backend eager"
   export XLA_FLAGS="${XLA_FLAGS:-} --xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
   # Steps that build the same program share it through JAX's persistent cache.
   export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-$OUT/.jax_cache}
   export JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=0
+  export OMP_NUM_THREADS=1   # PyTorch's toy rounds: no thread pool spinning beside the compiles
   # Steps on a CPU run two at a time (compiles are single-threaded), each with 3x its
   # limit: a toy step is far inside it unless the machine is shared.
   PARALLEL=${PARALLEL:-2}
@@ -112,9 +113,9 @@ step profile 150 $PY bench/profile_round.py $SIZE --rounds $ROUNDS --profile_rou
   --save_fixture "$OUT/profile_gpu" --xla_flags=--xla_enable_command_buffers_during_profiling=false
 step sites32 130 $COMPILE --sites $K32 --impls auto --timeout $(( 125 * LIMIT_SCALE ))
 step seeds8 130 $COMPILE --sites $K_SEEDS --seeds $SEEDS --impls auto --timeout $(( 125 * LIMIT_SCALE ))
-step pallas 100 $COMPILE --sites 4 --impls pallas --timeout $(( 95 * LIMIT_SCALE ))
-step autotune0 80 $COMPILE --sites 4 --impls auto --xla_preset autotune0 --timeout $(( 75 * LIMIT_SCALE ))
-step cmdbuf 90 $COMPILE --sites 4 --impls auto --xla_preset cmdbuf_loops --timeout $(( 85 * LIMIT_SCALE ))
+step pallas 100 $COMPILE --sites $K4 --impls pallas --timeout $(( 95 * LIMIT_SCALE ))
+step autotune0 80 $COMPILE --sites $K4 --impls auto --xla_preset autotune0 --timeout $(( 75 * LIMIT_SCALE ))
+step cmdbuf 90 $COMPILE --sites $K4 --impls auto --xla_preset cmdbuf_loops --timeout $(( 85 * LIMIT_SCALE ))
 FULL="--config.image_size=384 --config.model.base=16 --config.rounds=300 --config.local_steps=50 --config.lcfed.hc_rounds=300 --config.lcfed.head_iters=10"
 [ "$SMOKE" = 1 ] && FULL="--config.image_size=16 --config.model.base=4 --config.model.depth=2 --config.rounds=2 --config.local_steps=2 --config.lcfed.hc_rounds=1 --config.lcfed.head_iters=1"
 step full 420 $PY launch.py --config configs/synthetic.py:lcfed --workdir /tmp/full_run $FULL \

@@ -145,6 +145,12 @@ def run_round(a):
     state, losses, _ = compiled(state, data, weights)
     jax.block_until_ready(losses)
     times.append(time.perf_counter() - t)
+  round_s = statistics.median(times) if times else None
+  images = a.sites * max(a.seeds, 1) * a.batch * a.local_steps
+  # The timing first, in case tracing or reading the trace outlives a time limit.
+  print(json.dumps({"bench": "profile_timing", "impl": exp.model.impl, "sites": a.sites, "seeds": a.seeds,
+                    "compile_s": round(compile_s, 2), "round_s": round_s,
+                    "img_per_s": round(images / round_s, 1) if round_s else None}), flush=True)
   logdir = tempfile.mkdtemp(prefix="lcfed_profile_")
   error = None
   try:   # a profiler that fails (no CUPTI, say) still leaves the timing above to report
@@ -155,8 +161,6 @@ def run_round(a):
   except Exception as e:  # noqa: BLE001
     error = f"{type(e).__name__}: {e}"[:400]
   found = glob.glob(f"{logdir}/**/*.xplane.pb", recursive=True)
-  round_s = statistics.median(times) if times else None
-  images = a.sites * max(a.seeds, 1) * a.batch * a.local_steps
   head = {"device": device_name(jax.devices()[0]), "framework": f"jax {jax.__version__}",
           "method": f"{a.method} stage {exp.stages[0].name}", "impl": exp.model.impl,
           "dtype": str(jnp.dtype(exp.model.dtype)), "compile_s": round(compile_s, 2),

@@ -65,6 +65,14 @@ LIMIT_SCALE=${LIMIT_SCALE:-1}
 TORCH_PATTERNS=${TORCH_PATTERNS:-eager}
 COMPILE="$PY bench/compile.py $SIZE --rounds $ROUNDS --train_size 16"
 
+: > "$OUT/bench.jsonl"; : > "$OUT/steps.log"
+collect() {   # collect NAME: a finished step's lines into bench.jsonl and steps.log
+  local log="$OUT/.$1.log"
+  [ -f "$log.jsonl" ] && cat "$log.jsonl" >> "$OUT/bench.jsonl"
+  [ -f "$log" ] && { echo "==== $1"; cat "$log"; } >> "$OUT/steps.log"
+  rm -f "$log" "$log.jsonl"
+}
+
 status() {   # status NAME STATUS RC WALL LIMIT
   echo "{\"step\": \"$1\", \"status\": \"$2\", \"rc\": $3, \"wall_s\": $4, \"limit_s\": $5}"
 }
@@ -93,7 +101,7 @@ step() {   # step NAME LIMIT_S COMMAND...: skipped when not in STEPS or past the
   if [ "$left" -lt "$limit" ]; then
     if [ "$left" -lt $(( limit / 2 )) ] || [ "$left" -lt 30 ]; then
       echo "== $name skipped: ${left}s of the budget left, limit ${limit}s"
-      status "$name" skipped 0 0 "$limit" | sed "s/}$/, \"budget_left_s\": $left}/" > "$OUT/.$name.log.jsonl"
+      status "$name" skipped 0 0 "$limit" | sed "s/}$/, \"budget_left_s\": $left}/" >> "$OUT/bench.jsonl"
       return
     fi
     set -- "$name" "$left" "${@:3}"   # run it on what is left
@@ -101,6 +109,7 @@ step() {   # step NAME LIMIT_S COMMAND...: skipped when not in STEPS or past the
   echo "== $name (limit ${2}s, at $(( $(date +%s) - T0 ))s)"
   run_step "$@"
   tail -n 1 "$OUT/.$name.log.jsonl"
+  collect "$name"   # at once: a command stopped later still returns what ran
 }
 
 step env 90 bash -c "nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 | head -3; \
@@ -123,12 +132,6 @@ step full 420 $PY launch.py --config configs/synthetic.py:lcfed --workdir /tmp/f
   --config.data.train_sizes="(60,)" --config.data.test_size=100 --config.log.tensorboard=False
 wait
 
-# Collect: bench.jsonl in step order, every log in steps.log, then the summary.
-: > "$OUT/bench.jsonl"; : > "$OUT/steps.log"
-for name in $STEPS; do
-  [ -f "$OUT/.$name.log.jsonl" ] && cat "$OUT/.$name.log.jsonl" >> "$OUT/bench.jsonl"
-  [ -f "$OUT/.$name.log" ] && { echo "==== $name"; cat "$OUT/.$name.log"; } >> "$OUT/steps.log"
-  rm -f "$OUT/.$name.log" "$OUT/.$name.log.jsonl"
-done
+for name in $STEPS; do collect "$name"; done   # the steps run in parallel (SMOKE)
 $PY bench/summarize.py "$OUT/bench.jsonl"
 echo "== done at $(( $(date +%s) - T0 ))s"

@@ -4,10 +4,14 @@ For every (sites, impl, scan_unroll) a fresh subprocess (cold: no compilation ca
 nothing compiled before) builds the synthetic default's LC-Fed stage-A round (or
 --method) and prints one JSON line:
 
-  {"bench": "compile", "sites", "impl", "scan_unroll", "trace_lower_s", "compile_s",
+  {"bench": "compile", "sites", "impl" (as asked; 'auto' picks by backend and models),
+   "impl_used", "scan_unroll", "trace_lower_s", "compile_s",
    "first_round_s" (the first call, compiled before), "round_s" (median of --rounds),
    "img_per_s", "convs_lowered" (convolution ops in the lowered StableHLO),
-   "convs_compiled" (convolution instructions in the optimised HLO), "device", ...}
+   "convs_compiled" (convolution instructions in the optimised HLO), "peak_mem_bytes",
+   "xla_flags", "device", ...}
+
+--xla_preset / --xla_flags (bench/xla_flags.py) set XLA_FLAGS for the child processes.
 
 A configuration that runs past --timeout prints {"timed_out": true}. Examples:
 
@@ -15,6 +19,8 @@ A configuration that runs past --timeout prints {"timed_out": true}. Examples:
   python bench/compile.py --sites 4 --impls unroll grouped --scan_unrolls 1 10
   python bench/compile.py --sites 4 --impls map --seeds 1 2 4               # seeds in one program
   python bench/compile.py --size 384 --base 16 --local_steps 50 --sites 4 32   # paper setting
+  python bench/compile.py --sites 32 --impls auto map grouped         # many models in one program
+  python bench/compile.py --sites 4 --impls unroll --xla_preset autotune0   # an XLA setting
 """
 from __future__ import annotations
 
@@ -22,6 +28,7 @@ import argparse
 import json
 import os
 import re
+import signal
 import statistics
 import subprocess
 import sys
@@ -36,13 +43,15 @@ def measure(a) -> dict:
   import jax
   import jax.numpy as jnp
   import numpy as np
-  from throughput import device_name, make_config, random_data
+  from throughput import device_name, make_config, peak_memory, random_data
   from lcfed_jax.fed import setup
 
   a.sites = a.one_sites
   c = make_config(a.method, a.one_impl, a, a.size)
   c.model.scan_unroll = a.one_unroll
   c.seeds = tuple(range(a.one_seeds)) if a.one_seeds > 1 else ()
+  if a.depth:
+    c.model.depth = a.depth
   exp = setup.build(c, a.sites, 3, 1, (a.size, a.size, 3))
   method = exp.method
   state = exp.init_state()
@@ -69,7 +78,8 @@ def measure(a) -> dict:
   dev = jax.devices()[0]
   return {"bench": "compile", "framework": f"jax {jax.__version__}", "device": device_name(dev),
           "method": f"{a.method} stage {method.stages[0].name}", "sites": a.sites,
-          "impl": a.one_impl, "scan_unroll": a.one_unroll, "image_size": a.size, "base": a.base,
+          "impl": a.one_impl, "impl_used": exp.model.impl, "scan_unroll": a.one_unroll,
+          "image_size": a.size, "base": a.base, "xla_flags": os.environ.get("XLA_FLAGS", ""),
           "batch": a.batch, "local_steps": a.local_steps,
           "trace_lower_s": round(t1 - t0, 2), "compile_s": round(t2 - t1, 2),
           "first_round_s": round(t3 - t2, 3), "round_s": round(round_s, 4),
@@ -77,14 +87,18 @@ def measure(a) -> dict:
           "img_per_s": round(a.sites * max(a.one_seeds, 1) * a.batch * a.local_steps / round_s, 1),
           "convs_lowered": text.count("stablehlo.convolution"),
           "convs_compiled": len(re.findall(r"= \S+ convolution\(", hlo)),
+          "peak_mem_bytes": peak_memory(dev)[0],
           "loss_finite": bool(np.all(np.isfinite(np.asarray(losses))))}
 
 
 def main(argv=None):
+  import xla_flags
   from lcfed_jax.models.conv import IMPLEMENTATIONS
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--sites", type=int, nargs="+", default=[2, 4, 8, 16])
-  p.add_argument("--impls", nargs="+", default=list(IMPLEMENTATIONS), choices=IMPLEMENTATIONS)
+  p.add_argument("--impls", nargs="+", default=list(IMPLEMENTATIONS), choices=("auto",) + IMPLEMENTATIONS)
+  p.add_argument("--depth", type=int, default=0, help="U-Net levels (0: the config's)")
+  xla_flags.add_arguments(p)
   p.add_argument("--scan_unrolls", type=int, nargs="+", default=[1])
   p.add_argument("--method", default="lcfed")
   p.add_argument("--size", type=int, default=48)
@@ -104,21 +118,31 @@ def main(argv=None):
     print(json.dumps(measure(a)), flush=True)
     return
   passthrough = [f"--{k}={getattr(a, k)}" for k in ("method", "size", "base", "batch", "local_steps",
-                                                   "train_size", "dtype", "rounds")]
+                                                   "train_size", "dtype", "rounds", "depth")]
   env = dict(os.environ, LCFED_JAX_CACHE="off")
+  added = " ".join(xla_flags.flags_for(a.xla_preset, a.xla_flags))
+  if added:
+    env["XLA_FLAGS"] = " ".join(filter(None, [env.get("XLA_FLAGS", ""), added]))
   configs = [(k, impl, unroll, seeds) for k in a.sites for impl in a.impls for unroll in a.scan_unrolls
              for seeds in a.seeds]
   for k, impl, unroll, seeds in configs:
     cmd = [sys.executable, os.path.abspath(__file__), "--one", str(k), impl, str(unroll), str(seeds)] + passthrough
-    base = {"bench": "compile", "sites": k, "impl": impl, "scan_unroll": unroll, "seeds": seeds}
+    base = {"bench": "compile", "sites": k, "impl": impl, "scan_unroll": unroll, "seeds": seeds,
+            "xla_flags": env.get("XLA_FLAGS", "")}
+    child = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    # A step limit (bench/gpu_check.sh) stops this process with SIGTERM: stop the child
+    # too, or it would keep the device busy for the next step.
+    signal.signal(signal.SIGTERM, lambda *_: (child.kill(), sys.exit(143)))
     try:
-      out = subprocess.run(cmd, capture_output=True, text=True, timeout=a.timeout, env=env)
+      stdout, stderr = child.communicate(timeout=a.timeout)
     except subprocess.TimeoutExpired:
+      child.kill()
+      child.communicate()
       print(json.dumps(dict(base, timed_out=True, timeout_s=a.timeout)), flush=True)
       continue
-    lines = [ln for ln in out.stdout.splitlines() if ln.startswith("{")]
-    if out.returncode or not lines:
-      print(json.dumps(dict(base, failed=True, error=out.stderr.strip()[-400:])), flush=True)
+    lines = [ln for ln in stdout.splitlines() if ln.startswith("{")]
+    if child.returncode or not lines:
+      print(json.dumps(dict(base, failed=True, error=stderr.strip()[-400:])), flush=True)
     else:
       print(lines[-1], flush=True)
 

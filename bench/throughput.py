@@ -22,6 +22,7 @@ Examples:
   python bench/throughput.py --sizes 64 --base 16 --local_steps 10 --torch \
       --torch_python /tmp/torchvenv/bin/python
   python bench/throughput.py --paper --impls unroll im2col --torch   # 4 x 6, 384 px, 50 steps
+  python bench/throughput.py --paper --impls unroll --xla_preset cmdbuf_loops   # an XLA setting
 """
 from __future__ import annotations
 
@@ -37,6 +38,12 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "bench"))
+
+import xla_flags  # noqa: E402
+
+if __name__ == "__main__":   # XLA reads its flags once, when jax starts
+  xla_flags.apply_from_argv(sys.argv[1:])
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -136,12 +143,14 @@ def bench_one(method, impl, size, a, data, dev):
   return {
       "bench": "throughput", "framework": f"jax {jax.__version__}", "backend": dev.platform,
       "device": device_name(dev), "method": f"{method} stage {stage.name}", "impl": impl,
+      "impl_used": exp.model.impl,
       "dtype": str(jnp.dtype(setup.compute_dtype(c))), "sites": a.sites, "batch": a.batch,
       "image_size": size, "base": a.base, "local_steps": a.local_steps,
       "img_per_s": round(a.sites * a.batch * a.local_steps / round_s, 2),
       "round_s": round(round_s, 4), "round_s_all": [round(t, 4) for t in times],
       "compile_s": round(compile_s, 2), "warmup_round_s": round(warm_s, 4),
       "init_s": round(init_s, 2), "peak_mem_bytes": int(peak), "peak_mem_kind": kind,
+      "xla_flags": os.environ.get("XLA_FLAGS", ""),
       "loss_finite": bool(np.all(np.isfinite(loss)))}
 
 
@@ -173,7 +182,7 @@ def main(argv=None):
   p.add_argument("--sites", type=int, default=4)
   p.add_argument("--batch", type=int, default=6)
   p.add_argument("--local_steps", type=int, default=10)
-  p.add_argument("--impls", nargs="+", default=list(IMPLEMENTATIONS), choices=IMPLEMENTATIONS)
+  p.add_argument("--impls", nargs="+", default=list(IMPLEMENTATIONS), choices=("auto",) + IMPLEMENTATIONS)
   p.add_argument("--methods", nargs="+", default=["lcfed", "fedavg"])
   p.add_argument("--rounds", type=int, default=3, help="timed rounds, after one warm-up round")
   p.add_argument("--base", type=int, default=16)
@@ -186,6 +195,7 @@ def main(argv=None):
   p.add_argument("--torch", action="store_true", help="also run bench/torch_reference.py")
   p.add_argument("--torch_python", default=None,
                  help="interpreter for the torch reference (default: this one)")
+  xla_flags.add_arguments(p)
   p.add_argument("--cache_dir", default=None,
                  help="persistent compilation cache (default: none, so compile_s is cold)")
   a = p.parse_args(argv)

@@ -10,6 +10,9 @@ bf16-rounded inputs to 1e-5, which only fp32 accumulation achieves (products of 
 values are exact in fp32). A last test checks that the data tell apart the mistakes a
 kernel could make (another site's kernel, a one-pixel shift, a transposed tap).
 
+Then the sizes the engine runs (`test_sites_and_channels`): 1-4 sites, 4-64 channels,
+with the default blocks (pixel blocks of 64-256 rows by channel count), fp32 and bf16.
+
 Each case is one jitted function (the three kernels together) and one jitted reference.
 """
 from __future__ import annotations
@@ -132,3 +135,26 @@ def test_data_detect_kernel_mistakes():
       wrong["taps transposed"] = jax.vmap(ref_conv)(x, jnp.swapaxes(wt, 1, 2))
     for what, y_bad in wrong.items():
       assert _rel_err(y_bad, y) > 100 * TOL, (name, what)
+
+
+# (n sites, H, W, Ci, Co): every site count the tests of the engine use, and the channel
+# counts of the U-Net's levels (16-64 at base 16) plus the narrowest (4, tests' base).
+GRID = [(1, 6, 7, 4, 4), (2, 6, 7, 16, 32), (4, 5, 6, 32, 16), (3, 12, 13, 64, 64)]
+
+
+@pytest.mark.parametrize("n,h,w,ci,co", GRID)
+def test_sites_and_channels(n, h, w, ci, co):
+  x, wt, g = _data((3, 3), n, 2, h, w, ci, co, seed=ci + co)
+  lo = tuple(a.astype(jnp.bfloat16) for a in (x, wt, g))
+  got32, got16 = _run(lambda *a: (_pallas_all(*a[:3]), _pallas_all(*a[3:])), x, wt, g, *lo)
+  want32, want16 = _run(lambda *a: (_ref_all(*a[:3]), _ref_all(*a[3:])), x, wt, g, *lo)
+  for nm, a, r in zip(NAMES, got32, want32):
+    err = _rel_err(a, r)
+    assert a.dtype == jnp.float32 and err < TOL, f"fp32 {nm}: relative error {err:.3g}"
+  for nm, a, r in zip(NAMES, got16, want16):
+    assert a.dtype == jnp.bfloat16, (nm, a.dtype)
+    a, r = np.asarray(a, np.float32), np.asarray(r, np.float32)
+    # The fp32 sum of exact bf16 products, rounded once to bf16: half an ulp (2^-9) of
+    # the value, plus the fp32 summation's own error on the largest terms.
+    bound = 2.0 ** -8 * np.abs(r) + 1e-5 * np.max(np.abs(r))
+    assert np.all(np.abs(a - r) <= bound), f"bf16 {nm}: max excess {np.max(np.abs(a - r) - bound):.3g}"

@@ -29,17 +29,23 @@ def compute_dtype(config):
   return {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[name]
 
 
-def conv_impl(config) -> str:
+def conv_impl(config, num_models: int = 1) -> str:
+  """`config.model.conv_impl`, with 'auto' resolved for the backend and the number of
+  models one device's program holds (`lcfed_jax.models.conv.default_impl`)."""
   impl = config.model.conv_impl
-  return default_impl(jax.default_backend()) if impl == "auto" else impl
+  return default_impl(jax.default_backend(), num_models) if impl == "auto" else impl
 
 
-def build_model(config, method: Method, num_sites: int, in_channels: int, num_classes: int):
+def build_model(config, method: Method, num_sites: int, in_channels: int, num_classes: int,
+                models_per_device: Optional[int] = None):
+  """`models_per_device` (default: every site x every seed) picks the 'auto' conv."""
   del in_channels   # the first convolution takes its input width from the data
   spec = method.model
+  if models_per_device is None:
+    models_per_device = num_sites * max(1, len(config.seeds))
   common = dict(num_classes=num_classes, base=int(config.model.base), depth=int(config.model.depth),
-                norm=spec.norm or config.model.norm,
-                num_sites=num_sites, impl=conv_impl(config), dtype=compute_dtype(config))
+                norm=spec.norm or config.model.norm, num_sites=num_sites,
+                impl=conv_impl(config, models_per_device), dtype=compute_dtype(config))
   if spec.twin:
     return TwinSegModel(**common)
   c = config.lcfed
@@ -122,6 +128,7 @@ class Experiment:
 def build(config, num_sites: int, in_channels: int, num_classes: int, image_shape,
           layout: Optional[sharding.SiteLayout] = None) -> Experiment:
   method = get_method(config)
-  model = build_model(config, method, num_sites, in_channels, num_classes)
-  return Experiment(config, method, model, int(num_sites), tuple(int(s) for s in image_shape),
-                    layout or sharding.single_device_layout(num_sites))
+  layout = layout or sharding.single_device_layout(num_sites)
+  model = build_model(config, method, num_sites, in_channels, num_classes,
+                      layout.per_device * max(1, len(config.seeds)))
+  return Experiment(config, method, model, int(num_sites), tuple(int(s) for s in image_shape), layout)

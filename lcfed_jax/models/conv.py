@@ -46,6 +46,10 @@ from jax.custom_batching import custom_vmap
 from lcfed_jax.models import conv_pallas
 
 IMPLEMENTATIONS = ("unroll", "grouped", "map", "im2col", "shifts", "pallas", "vmap")
+# Named scopes of the forward pass, the input gradient and the weight gradient: every
+# implementation's ops carry them in their HLO metadata, which is how a profile tells the
+# three apart (bench/profile_round.py); a scope changes no computation.
+SCOPES = ("conv_fwd", "conv_dgrad", "conv_wgrad")
 _DN = ("NHWC", "HWIO", "NHWC")
 
 
@@ -159,10 +163,15 @@ def _make(impl: str, padding: Tuple[Tuple[int, int], ...]):
 
   @custom_vmap
   def fwd(x, w):
-    return _conv(x, w, pad)
+    with jax.named_scope(SCOPES[0]):
+      return _conv(x, w, pad)
 
   @fwd.def_vmap
   def fwd_rule(n, batched, x, w):
+    with jax.named_scope(SCOPES[0]):
+      return _fwd_rule(n, batched, x, w)
+
+  def _fwd_rule(n, batched, x, w):
     if not batched[1]:  # shared kernel: fold the mapped axis into the batch
       y = fwd(_fold(x), w)
       return y.reshape((n, x.shape[1]) + y.shape[1:]), True
@@ -185,7 +194,10 @@ def _make(impl: str, padding: Tuple[Tuple[int, int], ...]):
 
   @custom_vmap
   def bwd(x, w, g):
-    return conv_dx(w, g, pad), conv_dw(x, g, pad, w.shape[:2])
+    with jax.named_scope(SCOPES[1]):
+      dx = conv_dx(w, g, pad)
+    with jax.named_scope(SCOPES[2]):
+      return dx, conv_dw(x, g, pad, w.shape[:2])
 
   @bwd.def_vmap
   def bwd_rule(n, batched, x, w, g):
@@ -196,13 +208,17 @@ def _make(impl: str, padding: Tuple[Tuple[int, int], ...]):
       _, pullback = jax.vjp(functools.partial(_BATCHED[impl_], padding=pad), x, w)
       return pullback(g), (True, True)
     if impl_ == "grouped":
-      dx = _grouped_conv(g, jax.vmap(_flip_io)(w), _transpose_padding(w.shape[1:], pad))
-      return (dx, _tap_dw(x, g, pad, w.shape[1:3])), (True, True)
+      with jax.named_scope(SCOPES[1]):
+        dx = _grouped_conv(g, jax.vmap(_flip_io)(w), _transpose_padding(w.shape[1:], pad))
+      with jax.named_scope(SCOPES[2]):
+        return (dx, _tap_dw(x, g, pad, w.shape[1:3])), (True, True)
     if impl_ == "map":
       return lax.map(lambda a: bwd(*a), (x, w, g)), (True, True)
     if impl_ == "pallas":
-      return (conv_pallas.pallas_conv_dx(w, g, interpret=_interpret()),
-              conv_pallas.pallas_conv_dw(x, g, kernel_hw=w.shape[1:3], interpret=_interpret())), (True, True)
+      with jax.named_scope(SCOPES[1]):
+        dx = conv_pallas.pallas_conv_dx(w, g, interpret=_interpret())
+      with jax.named_scope(SCOPES[2]):
+        return (dx, conv_pallas.pallas_conv_dw(x, g, kernel_hw=w.shape[1:3], interpret=_interpret())), (True, True)
     if impl_ == "vmap":
       return jax.vmap(_default_vjp)(x, w, g), (True, True)
     outs = [bwd(x[i], w[i], g[i]) for i in range(n)]
@@ -227,9 +243,23 @@ def site_conv(x: jax.Array, w: jax.Array, impl: str = "unroll") -> jax.Array:
   return _make(impl, same_padding(w.shape[:2]))(x, w)
 
 
-# The implementation measured fastest on each backend (bench/README.md).
-DEFAULTS = {"cpu": "map", "gpu": "unroll", "tpu": "unroll"}
+# `conv_impl='auto'`: per backend, (most models, impl) pairs tried in order, for the
+# number of models one device's program holds (sites on the device x seeds); measured in
+# bench/README.md. CPU: `map` at every count (one copy of the convolutions, so compile
+# time is flat in the count; `unroll` is up to 1.3x faster per round at 4-16 sites but
+# compiles 1.4-3.4x longer). GPU: `unroll` (fastest, 1,155 img/s at 4 sites on an H200)
+# while its per-model copies keep compiling in about a minute, then `grouped`, one copy
+# for any count (32 s to compile at 4 sites; 32 sites with `unroll`/`map` did not compile
+# and run within 100 s). The GPU bound (4) awaits the device run's K = 8 / 32 and 4 x 8
+# rows (bench/gpu_check.sh); TPU follows the GPU rule, unmeasured.
+AUTO = {"cpu": ((None, "map"),),
+        "gpu": ((4, "unroll"), (None, "grouped")),
+        "tpu": ((4, "unroll"), (None, "grouped"))}
 
 
-def default_impl(backend: str) -> str:
-  return DEFAULTS.get(backend, "unroll")
+def default_impl(backend: str, num_models: int = 1) -> str:
+  """The implementation `conv_impl='auto'` picks for `num_models` models in one program."""
+  for most, impl in AUTO.get(backend, AUTO["gpu"]):
+    if most is None or num_models <= most:
+      return impl
+  return "grouped"

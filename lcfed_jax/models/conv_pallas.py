@@ -36,6 +36,8 @@ n*kh*kw*channel blocks is small) whose fp32 partial sums are added outside the k
 
 Blocking: every loaded tile is [bm, bk], [bk, bn] or [bm, bn] with bm, bn, bk powers of
 two >= 16: Triton requires power-of-two tensor sizes and its dot needs M, N, K >= 16.
+The pixel block bm is 64 at 128 channels and grows to 256 at 16-32 channels (the U-Net's
+first levels, where most pixels are), keeping the fp32 accumulator at 64 x 128 elements.
 Channels are zero-padded up to the block size outside the kernel (zeros contribute
 nothing) and sliced back. bn and bk are either the whole padded channel count (<= 128)
 or 128, which also satisfies Mosaic's (8, 128) rule for the last two block dims (equal
@@ -54,7 +56,9 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-_BM = 64    # output pixels per block; 64 x 128 fp32 accumulators fit Triton's registers
+_BM = 64    # output pixels per block at 128 channels; 64 x 128 fp32 accumulators fit Triton's registers
+_BM_MAX = 256  # pixels per block at <= 32 channels: the same accumulator size, 4x fewer programs
+_ACC = _BM * 128  # fp32 accumulator elements per program
 _BN = 128   # output channels per block
 _BK = 128   # contracted channels per dot (one TPU lane width)
 _MIN = 16   # Triton's smallest dot dimension
@@ -78,6 +82,13 @@ def _tile(size: int, cap: int, override: Optional[int]) -> int:
       raise ValueError(f"block size {override} must be a power of two >= {_MIN}")
     return override
   return max(_MIN, min(cap, _pow2(size)))
+
+
+def _rows(m: int, channels: int, override: Optional[int]) -> int:
+  """Pixel rows per block for `m` rows and a `channels`-wide accumulator: at 16-32
+  channels a 64-row block holds a quarter of the registers it may and every program does
+  a 64 x 16 x 16 dot per tap, so the block grows while bm x channels stays <= _ACC."""
+  return _tile(m, max(_BM, min(_BM_MAX, _ACC // max(channels, 1))), override)
 
 
 def _chan(c: int, cap: int, override: Optional[int]) -> Tuple[int, int]:
@@ -167,9 +178,9 @@ def _conv_general(x, w, padding: Padding, *, out_dtype, compute_dtype, interpret
     raise ValueError(f"x {x.shape} and w {w.shape}: sites or input channels differ")
   cdt = _compute_dtype(compute_dtype, x, w)
   geo = _Geometry(h, wd, (kh, kw), padding)
-  bm = _tile(geo.m, _BM, block_m)
   cip, bk = _chan(ci, _BK, block_k)
   cop, bn = _chan(co, _BN, block_n)
+  bm = _rows(geo.m, bn, block_m)
   mp = _cdiv(geo.m, bm) * bm
   rows = geo.rows(mp)
   xf = geo.flat_input(x, cip, mp, cdt)
@@ -271,9 +282,9 @@ def pallas_conv_dw(x: jax.Array, g: jax.Array, *, kernel_hw: Sequence[int],
   kh, kw = kernel_hw
   cdt = _compute_dtype(compute_dtype, x, g)
   geo = _Geometry(h, wd, (kh, kw), same_padding((kh, kw)))
-  bm = _tile(geo.m, _BM, block_m)
   cip, bci = _chan(ci, _BK, block_k)
   cop, bn = _chan(co, _BN, block_n)
+  bm = _rows(geo.m, max(bci, bn), block_m)
   nm = _cdiv(geo.m, bm)
   programs = n * kh * kw * (cip // bci) * (cop // bn)
   if splits is None:

@@ -15,7 +15,7 @@ import pytest
 import data_fixtures as fx
 from conftest import ROOT
 from lcfed_jax.data import pack
-from lcfed_jax.run import gpu_session, sweep
+from lcfed_jax.run import gpu_session, tables
 
 BLOCK_TFDS = """import sys
 class _Block:
@@ -73,7 +73,7 @@ def test_smoke_run_collect_then_skip_and_stop_at_the_deadline(tmp_path, monkeypa
                      cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
   assert c.returncode == 0, c.stderr[-3000:]
   dest = results / "faz" / "gpu"
-  table = sweep.read_csv(dest / "results.csv")
+  table = tables.read_csv(dest / "results.csv")
   for method in ("fedavg", "local"):
     ious = [json.loads((dest / "runs" / method / f"seed{s}" / "results.json").read_text())["mean"]["iou"]
             for s in (0, 1)]

@@ -54,6 +54,7 @@ class Stage:
   learning_rate: Optional[float] = None   # None: config.learning_rate
   output: str = "probs"                   # what evaluation reads: 'probs' | 'hc'
   per_site_selection: bool = False        # FT: every site keeps its own best round
+  from_selected: bool = False             # LC-Fed B: every site starts from its model selected so far
 
   @property
   def needs(self) -> frozenset:
@@ -133,7 +134,8 @@ def lcfed(config):
   stages = [Stage("A", config.rounds, phases, loss=loss, output="hc" if joint else "probs")]
   if c.hc and not joint:
     stages.append(Stage("B", c.hc_rounds, (Phase(HC),), loss=(losses.term("hc_dice"),),
-                        server=servers.step("none"), learning_rate=c.hc_learning_rate, output="hc"))
+                        server=servers.step("none"), learning_rate=c.hc_learning_rate, output="hc",
+                        from_selected=True))
   return Method("lcfed", personal, tuple(stages), model=ModelSpec(pcs=bool(c.pcs), hc=bool(c.hc)),
                 exclusive=(HC,) if c.hc else ())
 

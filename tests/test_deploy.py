@@ -1,4 +1,5 @@
-"""The Flower apps in one process: what travels, faults, refusals, restarts."""
+"""The Flower apps: what travels, faults, refusals, restarts (in one process, through
+`inprocess.InProcessGrid`), and the same run through Flower's own Simulation Runtime."""
 import pytest
 
 pytest.importorskip("flwr")
@@ -98,6 +99,39 @@ def test_a_restarted_client_goes_on_from_its_state_dir(lcfed_run, tmp_path):
   for site in ("clinic_a", "clinic_b"):
     a, b = fh.client_leaves(tmp_path, site), fh.client_leaves(rc0["workdir"], site)
     assert a.keys() == b.keys() and all(np.array_equal(a[p], b[p]) for p in a), site
+
+
+def test_flower_simulation_runtime_gives_the_inprocess_result(lcfed_run, tmp_path):
+  """LC-Fed's two stages through Flower's Simulation Runtime (Ray; the ClientApp in a worker
+  process): exactly the in-process run's metrics, results and client states."""
+  pytest.importorskip("ray")
+  from flwr.simulation import run_simulation
+  rc0, _ = lcfed_run
+  rc = dict(rc0, workdir=str(tmp_path))
+  # Flower's Python simulation API passes no run config: the apps take it as defaults. A
+  # node's site is its partition-id, its state dir <workdir>/clients/<site>. One worker
+  # process (a client takes both CPUs) runs both sites' messages.
+  run_simulation(fh.server_app.make_app(rc), fh.client_app.make_app(rc), num_supernodes=2,
+                 backend_config={"client_resources": {"num_cpus": 2}, "init_args": {"num_cpus": 2}})
+  assert fh.metrics(tmp_path) == fh.metrics(rc0["workdir"])
+  assert (tmp_path / "results.json").read_text() == (fh.Path(rc0["workdir"]) / "results.json").read_text()
+  for site in ("clinic_a", "clinic_b"):
+    a, b = fh.client_leaves(tmp_path, site), fh.client_leaves(rc0["workdir"], site)
+    assert a.keys() == b.keys() and all(np.array_equal(a[p], b[p]) for p in a), site
+
+
+def test_ft_keeps_every_sites_best_round_and_scores_it(tmp_path):
+  """FT's fine-tuning selects per site (here the sites choose different rounds); the final
+  evaluation scores each site's model of its own selected round, kept by the client."""
+  rc = fh.run_config("ft", tmp_path, f"{TWO} rounds=1 ft.rounds=1")
+  fh.run(rc, fh.make_grid(rc, sites=2))
+  records_ = {r["round"]: r for r in fh.metrics(tmp_path)}
+  result = json.loads((tmp_path / "results.json").read_text())
+  for site in ("clinic_a", "clinic_b"):
+    better = records_[2]["val"]["sites"][site]["iou"] > records_[1]["val"]["sites"][site]["iou"]
+    chosen = 2 if better else 1
+    assert result["site_rounds"][site] == chosen, site
+    assert result["sites"][site] == records_[chosen]["sites"][site], site
 
 
 def test_dead_client_round_goes_on_with_min_clients_and_fedbn_norms_stay_home(tmp_path, caplog):

@@ -39,9 +39,20 @@ from lcfed_jax.eval import evaluate as evaluation, selection
 from lcfed_jax.fed import setup
 from lcfed_jax.run import report, workdir as workdir_lib
 from lcfed_jax.run.runner import site_weights
-from lcfed_jax.run.train import DivergenceError, Schedule
 from lcfed_jax.util import files
 from lcfed_jax.util.errors import ConfigError, UserError
+
+
+class DivergenceError(UserError):
+  """A site's loss or parameters are not finite (as `run.train`'s, without its imports)."""
+
+
+def _spans(stages):
+  """(stage, first round, end round) on the one round counter, as the simulation lays them."""
+  start = 0
+  for s in stages:
+    yield s, start, start + s.rounds
+    start += s.rounds
 
 
 def _scores(record) -> tuple:
@@ -64,7 +75,7 @@ class Coordinator:
     in_channels, num_classes = task_io(config)
     size = int(config.image_size)
     self.exp = setup.build(config, k, in_channels, num_classes, (size, size, in_channels))
-    self.schedule = Schedule(list(self.exp.stages))
+    self.total_rounds = sum(s.rounds for s in self.exp.stages)
     self.plans = [records.plan(self.exp.masks, s) for s in self.exp.stages]
     travelling = sorted({p for plan in self.plans for p in plan.up})
     self.roster = Roster(grid, self.names, config_json(config),
@@ -85,8 +96,8 @@ class Coordinator:
     self.weights = site_weights(self.config, self.roster.train_sizes)
     self.tracker = selection.make_tracker(self.config.eval.selection, self.names)
     self.log(f"method={self.exp.method.name} sites={self.names} train={self.roster.train_sizes} "
-             f"stages={[(s.name, s.rounds) for s in self.schedule.stages]} min-clients={self.min_clients}")
-    for si, (stage, a, b) in enumerate(self.schedule.spans()):
+             f"stages={[(s.name, s.rounds) for s in self.exp.stages]} min-clients={self.min_clients}")
+    for si, (stage, a, b) in enumerate(_spans(self.exp.stages)):
       if not stage.rounds:
         continue
       if stage.from_selected or self.plans[si].heads:
@@ -233,7 +244,7 @@ class Coordinator:
       raise UserError("no evaluation had every site: nothing was selected")
     self.roster.refresh()
     outputs = self.tracker.outputs
-    instr = {"round": self.schedule.total}
+    instr = {"round": self.total_rounds}
     heads = self.selected_heads if "hc" in outputs else None
     contents = {k: self._content(k, dict(instr, output=outputs[k]), shared=False, heads=heads)
                 for k in self.roster.sites()}

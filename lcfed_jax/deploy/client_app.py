@@ -56,6 +56,7 @@ class Runtime:
     self.site = Site(config, index)
     self.template = self.site.abstract_state()
     self.state, self.heads, self.stamp = None, None, None   # read by `sync`, when first needed
+    self.selected_round = -1     # the round selected.msgpack holds
 
   def sync(self) -> None:
     """The state as the state dir holds it now (another worker of this node may have
@@ -69,14 +70,15 @@ class Runtime:
       _log.info(f"site {self.site.name}: the state of run {saved.meta.get('run_id')} moved to {aside}")
       saved = None
     if saved is None:
-      self.state, self.heads = self.site.initial_state(), None
+      self.state, self.heads, self.selected_round = self.site.initial_state(), None, -1
       self.save()
     else:
       self.state, self.heads, self.stamp = saved.state, saved.heads, stamp
+      self.selected_round = int(saved.meta.get("selected", -1))
 
   def save(self) -> None:
     self.store.save(self.state, self.heads, {"run_id": self.run_id, "site": self.site.name,
-                                             "round": int(self.state.round)})
+                                             "round": int(self.state.round), "selected": self.selected_round})
     self.stamp = self.store.stamp()
 
   def selected(self):
@@ -115,11 +117,13 @@ def _begin(msg: Message, context: Context, defaults: Mapping) -> Runtime:
   instr = msg.content["instr"]
   changed = False
   select = int(instr.get("select", -1))
-  if select >= 0:
+  if select >= 0 and select != rt.selected_round:   # (a resent decision is done once)
     if int(rt.state.round) != select:
       raise RuntimeError(f"site {rt.site.name}: asked to keep round {select} as selected, "
                          f"but holds round {int(rt.state.round)}")
     rt.store.snapshot()
+    rt.selected_round = select
+    changed = True
   if int(instr.get("restore", 0)):
     chosen = rt.selected().state
     rt.state = rt.state.replace(params=chosen.params, model_state=chosen.model_state)

@@ -182,7 +182,7 @@ def write_pack(data: FederatedData, settings: Dict, out, arrays: Dict[str, Dict[
 
 # ------------------------------------------------------------------ reading
 
-def _pack_dir(config) -> Path:
+def pack_dir(config) -> Path:
   return Path(os.path.expanduser(str(config.data.pack)))
 
 
@@ -240,8 +240,8 @@ def check_config(m: Dict, config, pack) -> None:
 
 def site_names(config) -> List[str]:
   """The pack's sites, once its manifest is read and matched to the config (no data read)."""
-  m = read_manifest(_pack_dir(config))
-  check_config(m, config, _pack_dir(config))
+  m = read_manifest(pack_dir(config))
+  check_config(m, config, pack_dir(config))
   return list(m["site_names"])
 
 
@@ -276,7 +276,7 @@ def _read_split(pack: Path, m: Dict, site: str, split: str) -> SiteSplit:
 def load_pack(config, sites: Optional[Iterable[int]] = None) -> FederatedData:
   """Every site's splits from config.data.pack (or those of `sites`; the others are None)."""
   t0 = time.time()
-  pack = _pack_dir(config)
+  pack = pack_dir(config)
   m = read_manifest(pack)
   check_config(m, config, pack)
   names = list(m["site_names"])

@@ -155,6 +155,9 @@ def _render_in_processes(jobs):
     return {key: _split(*args) for key, args in jobs.items()}
 
 
+IN_CHANNELS, CLASSES = 3, ("lesion",)
+
+
 def site_names(num_sites: int) -> List[str]:
   if not 1 <= num_sites <= len(SITE_STYLES):
     raise ConfigError(f"config.data.num_sites={num_sites}: the synthetic task has 1..{len(SITE_STYLES)} sites")
@@ -182,6 +185,6 @@ def generate(num_sites: int = 4, image_size: int = 64, train_sizes: Sequence[int
     kind = ("train", "test")[which]
     split = SiteSplit(images, masks, [f"{names[k]}/{kind}/{i:04d}" for i in range(len(images))])
     (train if which == 0 else test)[k] = split
-  return FederatedData(task="synthetic", site_names=names, train=train, test=test, in_channels=3,
-                       num_classes=1, class_names=["lesion"], eval_unit="image", postprocess="none",
+  return FederatedData(task="synthetic", site_names=names, train=train, test=test, in_channels=IN_CHANNELS,
+                       num_classes=len(CLASSES), class_names=list(CLASSES), eval_unit="image", postprocess="none",
                        info={"protocols": [SITE_STYLES[k].protocol for k in range(num_sites)]})

@@ -9,7 +9,7 @@ means are gathered, so every process holds the same summary.
 """
 from __future__ import annotations
 
-from typing import Dict, List, Mapping
+from typing import Dict, List, Mapping, Tuple
 
 import numpy as np
 
@@ -43,21 +43,29 @@ def score_predictions(preds: Mapping[int, np.ndarray], splits, data, config) -> 
   returns the same summary of all sites: the per-site means are gathered. Besides each
   metric's site mean, a site reports `<metric>_std`: the std over its units (images or
   volumes), how much the method varies inside that site."""
-  local = {}
-  for k, pred in preds.items():
-    split = splits[k]
-    res = metrics.evaluate_site(
-        pred[:len(split)], split.masks, unit=data.eval_unit, volume_ids=split.volume_ids,
-        slice_index=split.slice_index, postprocess=postprocess_name(data, config),
-        empty_policy=config.eval.empty_policy, sort_slices=config.eval.sort_slices)
-    spread = {f"{m}_std": float(np.nanstd(np.nanmean(res[m], axis=1))) for m in metrics.METRICS}
-    local[k] = (res["mean"], spread)
+  local = {k: score_site(pred, splits[k], data, config) for k, pred in preds.items()}
   gathered = sharding.merge_sites(local)
   missing = [data.site_names[k] for k in range(data.num_sites) if k not in gathered]
   if missing:
     raise RuntimeError(f"no process scored the sites {missing}")
-  summary = metrics.summarize_sites({n: {"mean": gathered[k][0]} for k, n in enumerate(data.site_names)})
-  sites = {n: dict(summary["per_site"][n], **gathered[k][1]) for k, n in enumerate(data.site_names)}
+  return summarize({n: gathered[k] for k, n in enumerate(data.site_names)})
+
+
+def score_site(pred: np.ndarray, split, data, config) -> Tuple[Dict, Dict]:
+  """(metric means, `<metric>_std` spreads over units) of one site's uint8 predictions
+  [N_pad, H, W, nc] on its split (padding rows past the split's length are ignored)."""
+  res = metrics.evaluate_site(
+      pred[:len(split)], split.masks, unit=data.eval_unit, volume_ids=split.volume_ids,
+      slice_index=split.slice_index, postprocess=postprocess_name(data, config),
+      empty_policy=config.eval.empty_policy, sort_slices=config.eval.sort_slices)
+  spread = {f"{m}_std": float(np.nanstd(np.nanmean(res[m], axis=1))) for m in metrics.METRICS}
+  return res["mean"], spread
+
+
+def summarize(per_site: Mapping[str, Tuple[Dict, Dict]]) -> Dict:
+  """{'sites', 'mean', 'std'} from every site's `score_site` result, in site order."""
+  summary = metrics.summarize_sites({n: {"mean": means} for n, (means, _) in per_site.items()})
+  sites = {n: dict(summary["per_site"][n], **spread) for n, (_, spread) in per_site.items()}
   return {"sites": sites, "mean": summary["mean"], "std": summary["std"]}
 
 

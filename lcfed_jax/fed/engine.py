@@ -15,6 +15,12 @@ HC). The site axis may carry weightless padding sites past the model's `num_site
 ones; they use the model of site k % num_sites and are kept out of every sum by their
 zero weight.
 
+A layout may hold only some of the model's sites (`layout.num_sites < num_sites`): a
+Flower client trains its own site k of a K-site federation alone. Its round and predictor
+then take two more arguments, `first_site` (the model's index of the layout's first site,
+so that site k keeps its PCS code and HC's own head) and `heads` (every site's head, which
+the state cannot gather where a loss term or the output needs them; None elsewhere).
+
 The round also reports, per site, whether its loss and its updated parameters are all
 finite: a diverging site is found on the device, in the outputs the round returns anyway.
 
@@ -142,10 +148,25 @@ def _phase_table(stage: Stage, masks: Masks, local_steps: int):
   return np.array(bounds[:-1], np.int32), table
 
 
-def _site_ids(num_local: int, num_sites: int):
+def _site_ids(num_local: int, num_sites: int, first_site=0):
   """Inside the shard_map: the model's site index of each local site (padding: k % K)."""
-  first = lax.axis_index(AXIS) * num_local
+  first = first_site + lax.axis_index(AXIS) * num_local
   return (first + jnp.arange(num_local)) % num_sites
+
+
+def _subset(layout, num_sites: int) -> bool:
+  """Whether the layout holds only some of the model's sites (one Flower client's)."""
+  return layout.num_sites < num_sites
+
+
+def _heads(params, given, num_sites: int, subset: bool):
+  """Every real site's head: gathered from the state, or given where the state holds a subset."""
+  if not subset:
+    return _all_heads(params, num_sites)
+  if given is None:
+    raise ValueError("this round or predictor holds a subset of the sites: pass every site's head "
+                     "(`heads`), which its loss terms or output need")
+  return dict(given)
 
 
 def _all_heads(params, num_sites: int):
@@ -165,8 +186,11 @@ def make_round_fn(model, stage: Stage, masks: Masks, config, num_sites: int,
   `num_sites` is the number of real sites; the state, data and weights have
   `layout.num_total` sites on their leading axis, sharded over `layout.mesh`.
   `finite[k]` is False when site k's mean loss or any of its parameters is not finite.
+  A layout holding a subset of the sites makes it `round_fn(state, data, weights,
+  first_site, heads)` (module doc).
   """
   layout = layout or sharding_lib.single_device_layout(num_sites)
+  subset = _subset(layout, num_sites)
   local_steps = int(config.local_steps)
   batch_size = int(config.batch_size)
   lr = float(stage.learning_rate if stage.learning_rate is not None else config.learning_rate)
@@ -195,13 +219,13 @@ def make_round_fn(model, stage: Stage, masks: Masks, config, num_sites: int,
 
   mapped_step = jax.vmap(site_step, in_axes=(0, 0, 0, 0, 0, None, 0, 0, None))
 
-  def local_round(state: FedState, data: SiteArrays, weights):
+  def local_round(state: FedState, data: SiteArrays, weights, first_site=0, given_heads=None):
     """One device's block of sites (the whole site axis on a 1-device mesh)."""
-    sites = _site_ids(weights.shape[0], num_sites)
+    sites = _site_ids(weights.shape[0], num_sites, first_site)
     round_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(
         state.rng, 0 if fixed_stream else state.round)
     # Every site's head as it was at the start of the round (the official `seg_heads`).
-    heads = _all_heads(state.params, num_sites) if "heads" in needs else None
+    heads = _heads(state.params, given_heads, num_sites, subset) if "heads" in needs else None
     start = state.params if "start" in needs else None
 
     def body(carry, step):
@@ -222,14 +246,21 @@ def make_round_fn(model, stage: Stage, masks: Masks, config, num_sites: int,
                               opt_state=opt_state, round=state.round + 1)
     return new_state, loss, finite
 
-  body = _over_seeds(local_round, len(config.seeds))
+  body = _over_seeds(local_round, len(config.seeds), 2 if subset else 0)
 
   def round_fn(state: FedState, data: SiteArrays, weights):
     specs = layout.specs(state)
     return jax.shard_map(body, mesh=layout.mesh, in_specs=(specs, layout.specs(data), P(AXIS)),
                          out_specs=(specs, P(AXIS), P(AXIS)), check_vma=_check_vma(model))(state, data, weights)
 
-  return jax.jit(round_fn, donate_argnums=0)
+  def subset_round_fn(state: FedState, data: SiteArrays, weights, first_site, heads):
+    specs = layout.specs(state)
+    replicated = jax.tree.map(lambda _: P(), heads)
+    return jax.shard_map(body, mesh=layout.mesh, in_specs=(specs, layout.specs(data), P(AXIS), P(), replicated),
+                         out_specs=(specs, P(AXIS), P(AXIS)), check_vma=_check_vma(model))(
+                             state, data, weights, jnp.asarray(first_site, jnp.int32), heads)
+
+  return jax.jit(subset_round_fn if subset else round_fn, donate_argnums=0)
 
 
 def _check_vma(model) -> bool:
@@ -238,12 +269,13 @@ def _check_vma(model) -> bool:
   return getattr(model, "impl", "") != "pallas"
 
 
-def _over_seeds(local_round, num_seeds: int):
-  """The per-device round, mapped over the seed axis (1) of the state when there is one."""
+def _over_seeds(local_round, num_seeds: int, num_extra: int = 0):
+  """The per-device round, mapped over the seed axis (1) of the state when there is one
+  (`num_extra` more unmapped arguments: a subset layout's `first_site` and `heads`)."""
   if not num_seeds:
     return local_round
   axes = FedState(params=1, model_state=1, opt_state=1, rng=1, round=None)
-  return jax.vmap(local_round, in_axes=(axes, None, None), out_axes=(axes, 1, 1))
+  return jax.vmap(local_round, in_axes=(axes, None, None) + (None,) * num_extra, out_axes=(axes, 1, 1))
 
 
 def _server_opt_state(opt_state, shared_params, weights, stage: Stage, config, opt):
@@ -264,9 +296,12 @@ def make_predict_fn(model, output: str, eval_batch: int, num_sites: int,
   """Jitted `predict(params, model_state, images[K,N,H,W,C] uint8) -> dict` of uint8
   binary predictions [K,N,H,W,nc] (threshold 0.5), probabilities, and HC peak maps
   ([K,S,N,...] with a seed axis). N must be a multiple of `eval_batch`. K is the
-  layout's `num_total` (padding sites predict too; callers read the first num_sites)."""
+  layout's `num_total` (padding sites predict too; callers read the first num_sites).
+  A layout holding a subset of the sites makes it `predict(params, model_state, images,
+  first_site, heads)` (module doc; `heads` only for output 'hc')."""
   use_hc = output == "hc"
   layout = layout or sharding_lib.single_device_layout(num_sites)
+  subset = _subset(layout, num_sites)
 
   def site_predict(params, model_state, site, images, heads):
     variables = {"params": params, **model_state}
@@ -283,16 +318,23 @@ def make_predict_fn(model, output: str, eval_batch: int, num_sites: int,
     out = lax.map(batch, chunks)
     return jax.tree.map(lambda a: a.reshape((n,) + a.shape[2:]), out)
 
-  def local_predict(params, model_state, images):
-    heads = _all_heads(params, num_sites) if use_hc else None
+  def local_predict(params, model_state, images, first_site=0, given_heads=None):
+    heads = _heads(params, given_heads, num_sites, subset) if use_hc else None
     return jax.vmap(site_predict, in_axes=(0, 0, 0, 0, None))(
-        params, model_state, _site_ids(images.shape[0], num_sites), images, heads)
+        params, model_state, _site_ids(images.shape[0], num_sites, first_site), images, heads)
 
-  body = jax.vmap(local_predict, in_axes=(1, 1, None), out_axes=1) if num_seeds else local_predict
+  extra = (None, None) if subset else ()
+  body = jax.vmap(local_predict, in_axes=(1, 1, None) + extra, out_axes=1) if num_seeds else local_predict
 
   def predict(params, model_state, images):
     specs = (layout.specs(params), layout.specs(model_state), P(AXIS))
     return jax.shard_map(body, mesh=layout.mesh, in_specs=specs, out_specs=P(AXIS),
                          check_vma=_check_vma(model))(params, model_state, images)
 
-  return jax.jit(predict)
+  def subset_predict(params, model_state, images, first_site, heads):
+    specs = (layout.specs(params), layout.specs(model_state), P(AXIS), P(), jax.tree.map(lambda _: P(), heads))
+    return jax.shard_map(body, mesh=layout.mesh, in_specs=specs, out_specs=P(AXIS),
+                         check_vma=_check_vma(model))(params, model_state, images,
+                                                      jnp.asarray(first_site, jnp.int32), heads)
+
+  return jax.jit(subset_predict if subset else predict)

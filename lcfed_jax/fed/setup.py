@@ -62,6 +62,7 @@ class Experiment:
   image_shape: Tuple[int, ...]
   layout: sharding.SiteLayout
   _masks: Optional[engine.Masks] = None
+  _abstract: Optional[engine.FedState] = None
   _rounds: Dict = dataclasses.field(default_factory=dict)
   _predictors: Dict = dataclasses.field(default_factory=dict)
 
@@ -94,7 +95,9 @@ class Experiment:
 
   def abstract_state(self) -> engine.FedState:
     """The initial state's structure, shapes and dtypes (nothing computed)."""
-    return jax.eval_shape(self.init_state)
+    if self._abstract is None:
+      self._abstract = jax.eval_shape(self.init_state)
+    return self._abstract
 
   @property
   def masks(self) -> engine.Masks:

@@ -60,6 +60,15 @@ def tiny():
   return tiny_config
 
 
+@pytest.fixture(scope="session")
+def lcfed_flower(tmp_path_factory):
+  """LC-Fed's stages A and B through the Flower apps (`flower_helpers.lcfed_run`), run once
+  for test_deploy.py and test_deploy_equality.py."""
+  pytest.importorskip("flwr")
+  import flower_helpers
+  return flower_helpers.lcfed_run(tmp_path_factory.mktemp("lcfed_flower"))
+
+
 # The longest test files first: xdist hands out whole files (--dist loadfile) in collection
 # order (--no-loadscope-reorder), so the 2 workers finish together instead of one running
 # the multi-device file alone at the end (cold-cache seconds per file, 2-core CPU).

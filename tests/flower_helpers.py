@@ -9,8 +9,11 @@ from lcfed_jax.deploy import client_app, inprocess, server_app
 from lcfed_jax.deploy.settings import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
-# Three small sites; no figures or event files (the server writes none of the latter).
-BASE = "data.num_sites=3 data.train_sizes=(10,7,5) eval.plots=False log.tensorboard=False"
+# Three small sites of one size: a client's round program is compiled for its training
+# set's shape, so equal sites compile it once (tests/test_deploy_equality.py's FedAvg runs
+# sites of unequal size, where the simulation pads them). No figures or event files (the
+# server writes none of the latter).
+BASE = "data.num_sites=3 data.train_sizes=(9,9,9) eval.plots=False log.tensorboard=False"
 # SGD for the comparisons with the simulation: with instance norm a conv bias's gradient is
 # zero up to round-off, which Adam's normalisation turns into steps of +-lr in arbitrary
 # directions, in any two programs that sum in another order (the simulation's K-site round
@@ -20,6 +23,8 @@ BASE = "data.num_sites=3 data.train_sizes=(10,7,5) eval.plots=False log.tensorbo
 # within round-off while a wrong round key or PCS code still changes the losses by 1e-4
 # to 1e-2.
 SGD = "optimizer.name=sgd learning_rate=0.01"
+# LC-Fed's two stages, two rounds each (stage B selects among its own rounds).
+LCFED_AB = f"{SGD} rounds=2 lcfed.hc_rounds=2"
 
 
 def run_config(method: str, workdir, overrides: str = "", **extra):
@@ -29,6 +34,13 @@ def run_config(method: str, workdir, overrides: str = "", **extra):
 
 def config_of(rc):
   return load_config(rc["config"], rc["overrides"])
+
+
+def lcfed_run(workdir):
+  """LC-Fed A + B through Flower (`LCFED_AB`, three sites): (run config, grid), every
+  message the server received in `grid.received`."""
+  rc = run_config("lcfed", workdir, LCFED_AB)
+  return rc, run(rc, make_grid(rc))
 
 
 def make_grid(rc, sites=3, node_configs=None, run_id=1):

@@ -16,22 +16,15 @@ from lcfed_jax.fed import setup  # noqa: E402
 from lcfed_jax.fed.methods import BN, HC, PCS  # noqa: E402
 from lcfed_jax.util.errors import UserError  # noqa: E402
 
-TWO = "data.num_sites=2 data.train_sizes=(8,6)"
-# LC-Fed's two stages, one round each, two sites.
-LCFED = f"{TWO} rounds=1 lcfed.hc_rounds=1"
+TWO = "data.num_sites=2 data.train_sizes=(6,6)"   # FT: the two sites select different rounds
+SITES = ("clinic_a", "clinic_b", "clinic_c")
+STAGE_A_ROUNDS = ("round 1", "round 2")    # fh.LCFED_AB: stage A's rounds, then stage B's
 
 
 def _plans(rc):
   config = fh.config_of(rc)
   exp = setup.build(config, len(tasks.site_names(config)), 3, 1, (32, 32, 3))
   return exp, [records.plan(exp.masks, s) for s in exp.stages]
-
-
-@pytest.fixture(scope="module")
-def lcfed_run(tmp_path_factory):
-  """LC-Fed A + B through Flower, every message the server received recorded."""
-  rc = fh.run_config("lcfed", tmp_path_factory.mktemp("lcfed"), LCFED)
-  return rc, fh.run(rc, fh.make_grid(rc, sites=2))
 
 
 def _updates(grid):
@@ -43,17 +36,18 @@ def _updates(grid):
   return out
 
 
-def test_every_update_holds_only_its_stages_declared_paths(lcfed_run):
-  rc, grid = lcfed_run
+def test_every_update_holds_only_its_stages_declared_paths(lcfed_flower):
+  rc, grid = lcfed_flower
   exp, (plan_a, plan_b) = _plans(rc)
   updates = _updates(grid)
-  assert {(t, g) for t, g, _ in updates} == {("train", "round 1"), ("query.sync", "stage B"), ("train", "round 2")}
+  assert {(t, g) for t, g, _ in updates} == {("train", "round 1"), ("train", "round 2"), ("query.sync", "stage B"),
+                                             ("train", "round 3"), ("train", "round 4")}
   for kind, group, paths in updates:
-    declared = plan_a.up if group == "round 1" else plan_b.up
+    declared = plan_a.up if group in STAGE_A_ROUNDS else plan_b.up
     assert paths == sorted(declared), (kind, group)
     for p in paths:   # independent of the plan: what must never leave a site in LC-Fed
       assert not re.search(HC, p) and not re.search(PCS, p) and "opt_state" not in p, p
-      assert p.startswith("params/") and (not p.startswith("params/head/") or group != "round 1"), p
+      assert p.startswith("params/") and (not p.startswith("params/head/") or group not in STAGE_A_ROUNDS), p
   # Stage A shares the body and nothing personal; stage B only the head HC compares.
   shared_a = {p for p, s in records.leaves(exp.masks.shared()).items() if s}
   assert set(plan_a.up) == shared_a and not any(p.startswith("params/head/") for p in plan_a.up)
@@ -64,58 +58,77 @@ def test_every_update_holds_only_its_stages_declared_paths(lcfed_run):
       assert set(msg.content.array_records) <= {"update"}
 
 
-def test_stage_b_starts_from_the_selected_stage_a_model(lcfed_run):
-  rc, grid = lcfed_run
+def test_stage_b_starts_from_the_selected_stage_a_model(lcfed_flower):
+  """results.json keeps stage A's selection and the test scores it had at its rounds
+  (`earlier_stages`, as the simulation writes it); stage B selects among its own rounds."""
+  rc, grid = lcfed_flower
   result = json.loads((fh.Path(rc["workdir"]) / "results.json").read_text())
-  assert result["start_rounds"] == {"B": {"clinic_a": 1, "clinic_b": 1}}
-  assert result["site_outputs"] == {"clinic_a": "hc", "clinic_b": "hc"}
-  # Every site's HC saw the other's stage-A head: the heads the server sent are theirs.
+  by_round = {r["round"]: r for r in fh.metrics(rc["workdir"])}
+  (stage_a,) = result["earlier_stages"]
+  assert stage_a["stage"] == "A" and stage_a["site_rounds"] == by_round[2]["selection"]["site_rounds"]
+  for site in SITES:
+    assert stage_a["sites"][site] == by_round[stage_a["site_rounds"][site]]["sites"][site], site
+  assert "start_rounds" not in result and set(result["site_rounds"].values()) <= {3, 4}
+  assert result["site_outputs"] == {site: "hc" for site in SITES}
+  assert "| lcfed (stage A) |" in (fh.Path(rc["workdir"]) / "results.md").read_text()
+  # Every site's HC saw the others' selected stage-A heads: the heads the server got at the
+  # sync are theirs (frozen in stage B, so still the ones the clients hold).
   sent = [m for m in grid.received if m.metadata.group_id == "stage B"]
   heads = {m.metadata.src_node_id: records.from_record(m.content["update"]) for m in sent}
   a = fh.client_leaves(rc["workdir"], "clinic_a")
   assert np.array_equal(heads[1001]["params/head/kernel"], a["params/head/kernel"][0])
 
 
-def test_a_restarted_client_goes_on_from_its_state_dir(lcfed_run, tmp_path):
+def test_a_restarted_client_goes_on_from_its_state_dir(lcfed_flower, tmp_path):
   """Every client restarts after stage A (new processes, new nodes): the server greets the
-  new nodes, each goes on from its state dir, and the run ends exactly as without it."""
-  rc0, _ = lcfed_run
+  new nodes, each goes on from its state dir (restoring its selected stage-A model with a
+  fresh optimizer state for stage B), and the run ends exactly as without it."""
+  rc0, _ = lcfed_flower
   rc = dict(rc0, workdir=str(tmp_path))
-  grid = fh.make_grid(rc, sites=2)
-  restarted = []
+  grid = fh.make_grid(rc)
+  restarted, synced = [], {}
 
   def restart_after_stage_a(reply, node):
-    if reply.metadata.group_id == "evaluation 1" and node == 1002:   # the last reply of stage A
+    if reply.metadata.group_id == "evaluation 2" and node == 1003:   # the last reply of stage A
       restarted.append(node)
       fh.client_app.forget()      # the processes' memory is gone
       for n in list(grid.contexts):
         grid.restart(n)           # and the nodes are new
+    if reply.metadata.group_id == "stage B":
+      site = SITES[node - 1004]
+      synced[site] = (fh.client_leaves(tmp_path, site), fh.client_leaves(tmp_path, site, "selected.msgpack"))
   grid.after.append(restart_after_stage_a)
   fh.run(rc, grid)
-  assert restarted and set(grid.contexts) == {1003, 1004}
+  assert restarted and set(grid.contexts) == {1004, 1005, 1006}
+  for site, (now, chosen) in synced.items():   # at stage B's start
+    opt = [p for p in now if p.startswith("opt_state/")]
+    assert opt and not any(np.any(now[p]) for p in opt), site
+    assert any(np.any(chosen[p]) for p in opt), site   # (stage A's momentum was not zero)
+    assert all(np.array_equal(now[p], chosen[p]) for p in now if p.startswith("params/")), site
+  assert sorted(synced) == list(SITES)
   assert fh.metrics(tmp_path) == [dict(r) for r in fh.metrics(rc0["workdir"])]
   for name in ("results.json", "results.csv"):
     assert (tmp_path / name).read_text() == (fh.Path(rc0["workdir"]) / name).read_text()
-  for site in ("clinic_a", "clinic_b"):
+  for site in SITES:
     a, b = fh.client_leaves(tmp_path, site), fh.client_leaves(rc0["workdir"], site)
     assert a.keys() == b.keys() and all(np.array_equal(a[p], b[p]) for p in a), site
 
 
-def test_flower_simulation_runtime_gives_the_inprocess_result(lcfed_run, tmp_path):
+def test_flower_simulation_runtime_gives_the_inprocess_result(lcfed_flower, tmp_path):
   """LC-Fed's two stages through Flower's Simulation Runtime (Ray; the ClientApp in a worker
   process): exactly the in-process run's metrics, results and client states."""
   pytest.importorskip("ray")
   from flwr.simulation import run_simulation
-  rc0, _ = lcfed_run
+  rc0, _ = lcfed_flower
   rc = dict(rc0, workdir=str(tmp_path))
   # Flower's Python simulation API passes no run config: the apps take it as defaults. A
   # node's site is its partition-id, its state dir <workdir>/clients/<site>. One worker
   # process (a client takes both CPUs) runs both sites' messages.
-  run_simulation(fh.server_app.make_app(rc), fh.client_app.make_app(rc), num_supernodes=2,
+  run_simulation(fh.server_app.make_app(rc), fh.client_app.make_app(rc), num_supernodes=3,
                  backend_config={"client_resources": {"num_cpus": 2}, "init_args": {"num_cpus": 2}})
   assert fh.metrics(tmp_path) == fh.metrics(rc0["workdir"])
   assert (tmp_path / "results.json").read_text() == (fh.Path(rc0["workdir"]) / "results.json").read_text()
-  for site in ("clinic_a", "clinic_b"):
+  for site in SITES:
     a, b = fh.client_leaves(tmp_path, site), fh.client_leaves(rc0["workdir"], site)
     assert a.keys() == b.keys() and all(np.array_equal(a[p], b[p]) for p in a), site
 
@@ -132,6 +145,7 @@ def test_ft_keeps_every_sites_best_round_and_scores_it(tmp_path):
     chosen = 2 if better else 1
     assert result["site_rounds"][site] == chosen, site
     assert result["sites"][site] == records_[chosen]["sites"][site], site
+  assert len(set(result["site_rounds"].values())) == 2   # (else this run tests no per-site choice)
 
 
 def test_dead_client_round_goes_on_with_min_clients_and_fedbn_norms_stay_home(tmp_path, caplog):

@@ -10,7 +10,9 @@ site's head in 'heads'):
   evaluate        scores of the current model on the site's test (and validation) split
   evaluate.final  scores of the selected model on the test split
   query.sync      the start of a stage: restore the selected model where the stage starts
-                  from it, and send the head where the stage needs every site's head
+                  from it (its parameters and model state, with a fresh optimizer state,
+                  as the simulation's `stages.restart_from_selected`), and send the head
+                  where the stage needs every site's head
 Before its work every message applies the server's earlier decisions: `select` (keep the
 model now held as the selected one: a copy of the state file), then `restore`, then the
 'shared' leaves and the 'heads'. Everything the site holds is in its state dir
@@ -31,6 +33,7 @@ from lcfed_jax.deploy import records
 from lcfed_jax.deploy.settings import NodeSettings, RunSettings, config_json
 from lcfed_jax.deploy.site import Site
 from lcfed_jax.deploy.store import SELECTED, Store
+from lcfed_jax.run import stages
 from lcfed_jax.run.runtime import setup_jax
 from lcfed_jax.util.errors import UserError
 
@@ -124,9 +127,10 @@ def _begin(msg: Message, context: Context, defaults: Mapping) -> Runtime:
     rt.store.snapshot()
     rt.selected_round = select
     changed = True
-  if int(instr.get("restore", 0)):
+  if int(instr.get("restore", 0)):   # the data key and the round counter go on
     chosen = rt.selected().state
-    rt.state = rt.state.replace(params=chosen.params, model_state=chosen.model_state)
+    rt.state = rt.state.replace(params=chosen.params, model_state=chosen.model_state,
+                                opt_state=stages.fresh_opt_state(rt.state.opt_state, np.zeros_like))
     changed = True
   if "shared" in msg.content:
     rt.state = _host(records.with_rows(rt.state, records.from_record(msg.content["shared"])))

@@ -6,12 +6,18 @@ into each site's next ones, which reach it with its next message. Every `eval_ev
 rounds and at the end of each stage the sites score the model they hold ('evaluate'),
 the server selects as `eval.selection` says (`selection.Tracker`, per site where the
 stage says so) and a selected site keeps its model when its next message says `select`.
-A stage that starts from the selected model (LC-Fed's stage B), or needs every site's
-head, begins with 'query.sync': every site restores its selected model and sends its
-head; such a stage keeps a selection of its own, and the result records the round each
-site started it from. At the end every site scores its selected model on its test split
-('evaluate.final') and the server writes results.{md,csv,json}; metrics.jsonl (one line
-per evaluation, the simulation's fields) grows along the way.
+A stage that starts from the selected model (`Stage.from_selected`: LC-Fed's stage B with
+`lcfed.hc_start='selected'`), or needs every site's head, begins with 'query.sync'. From
+the selected model, as the simulation's `run.stages` does it: every site restores its
+selected parameters and model state with a fresh optimizer state, and the stage keeps a
+selection of its own; the earlier selection and the test scores it had (read from the
+evaluation records of its rounds) go into results.json as `earlier_stages`, and
+results.md shows them as the row '<method> (stage A)'. Otherwise (`hc_start='last'`) the
+stage goes on from the last round and one selection spans the stages. Where the stage
+needs heads, every site sends its (restored) head. At the end every site scores its
+selected model on its test split ('evaluate.final') and the server writes
+results.{md,csv,json}; metrics.jsonl (one line per evaluation, the simulation's fields)
+grows along the way.
 
 Faults. A site that fails or does not reply within `round-timeout` is logged with its
 name; the round goes on when at least `min-clients` sites replied (the server step then
@@ -38,21 +44,14 @@ from lcfed_jax.deploy.settings import RunSettings, check_deployable, config_json
 from lcfed_jax.eval import evaluate as evaluation, selection
 from lcfed_jax.fed import setup
 from lcfed_jax.run import report, workdir as workdir_lib
-from lcfed_jax.run.runner import site_weights
+from lcfed_jax.run.runner import result_json, site_weights
+from lcfed_jax.run.stages import Schedule, selected_result
 from lcfed_jax.util import files
 from lcfed_jax.util.errors import ConfigError, UserError
 
 
 class DivergenceError(UserError):
   """A site's loss or parameters are not finite (as `run.train`'s, without its imports)."""
-
-
-def _spans(stages):
-  """(stage, first round, end round) on the one round counter, as the simulation lays them."""
-  start = 0
-  for s in stages:
-    yield s, start, start + s.rounds
-    start += s.rounds
 
 
 def _scores(record) -> tuple:
@@ -75,7 +74,8 @@ class Coordinator:
     in_channels, num_classes = task_io(config)
     size = int(config.image_size)
     self.exp = setup.build(config, k, in_channels, num_classes, (size, size, in_channels))
-    self.total_rounds = sum(s.rounds for s in self.exp.stages)
+    self.schedule = Schedule(list(self.exp.stages))
+    self.total_rounds = self.schedule.total
     self.plans = [records.plan(self.exp.masks, s) for s in self.exp.stages]
     travelling = sorted({p for plan in self.plans for p in plan.up})
     self.roster = Roster(grid, self.names, config_json(config),
@@ -86,7 +86,7 @@ class Coordinator:
     self.heads: List[Optional[Dict]] = [None] * k          # every site's head, where it travels
     self.selected_heads: List[Optional[Dict]] = [None] * k
     self.history: List[Dict] = []
-    self.start_rounds: Dict[str, Dict[str, int]] = {}
+    self.earlier: List[Dict] = []    # the selections of stages a later stage started from
 
   # ----------------------------------------------------------------- the run
   def __call__(self) -> Dict:
@@ -97,7 +97,7 @@ class Coordinator:
     self.tracker = selection.make_tracker(self.config.eval.selection, self.names)
     self.log(f"method={self.exp.method.name} sites={self.names} train={self.roster.train_sizes} "
              f"stages={[(s.name, s.rounds) for s in self.exp.stages]} min-clients={self.min_clients}")
-    for si, (stage, a, b) in enumerate(_spans(self.exp.stages)):
+    for si, (stage, a, b) in enumerate(self.schedule.spans()):
       if not stage.rounds:
         continue
       if stage.from_selected or self.plans[si].heads:
@@ -162,9 +162,10 @@ class Coordinator:
         values = records.from_record(msg.content["update"])
         self._check_update(k, values, records.Plan((), True, records.HEAD_PATHS), stage)
         self.heads[k] = records.head_of(values)
-    if restore:
-      self.start_rounds[stage.name] = dict(zip(self.names, self.tracker.rounds))
-      self.log(f"stage {stage.name} starts from the selected rounds {self.start_rounds[stage.name]}")
+    if restore:   # the stage selects on its own; the earlier selection is kept with its scores
+      before, sel = self.schedule.previous(stage).name, self.tracker.to_json()
+      self.earlier.append(selected_result(self.history, sel, self.names, before))
+      self.log(f"stage {stage.name} starts from the stage-{before} selection: {report.selected_rounds_text(sel)}")
       self.tracker = selection.make_tracker(self.config.eval.selection, self.names)
 
   def _train(self, si: int, stage, r: int) -> List[Optional[float]]:
@@ -252,12 +253,8 @@ class Coordinator:
     if failed:
       raise UserError(f"the final evaluation needs every site: {self.roster.describe(failed)}")
     scores = evaluation.summarize({self.names[k]: _scores(ok[k].content["test"]) for k in self.roster.sites()})
-    sel = self.tracker.to_json()
-    result = {"method": self.exp.method.name, "task": self.config.data.task, "site_names": self.names,
-              "selection": self.config.eval.selection, "checkpoint": "best", "site_rounds": sel["site_rounds"],
-              "site_outputs": sel["site_outputs"], **scores}
-    if self.start_rounds:
-      result["start_rounds"] = self.start_rounds
+    result = result_json(self.exp.method.name, self.config.data.task, self.names, scores, self.tracker.to_json(),
+                         self.config.eval.selection, "best", self.earlier)
     report.write(self.workdir, result)
     if bool(self.config.eval.plots) and self.history:
       from lcfed_jax.run import plots

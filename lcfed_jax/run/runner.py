@@ -144,8 +144,14 @@ def result_record(run: Run, scores: Dict, selection_json: Dict, policy: str, che
                   earlier_stages=()) -> Dict:
   """What results.json holds; `earlier_stages`: the selections of stages a later stage
   started from (`lcfed_jax.run.stages.selected_result`), with their test scores."""
-  out = {"method": run.method.name, "task": run.data.task, "site_names": list(run.data.site_names),
-         "selection": policy,
+  return result_json(run.method.name, run.data.task, run.data.site_names, scores, selection_json, policy,
+                     checkpoint, earlier_stages)
+
+
+def result_json(method: str, task: str, site_names, scores: Dict, selection_json: Dict, policy: str,
+                checkpoint: str, earlier_stages=()) -> Dict:
+  """`result_record` from its parts (a Flower server has no `Run`: it writes the same)."""
+  out = {"method": method, "task": task, "site_names": list(site_names), "selection": policy,
          "checkpoint": checkpoint, "site_rounds": selection_json["site_rounds"],
          "site_outputs": selection_json["site_outputs"], "sites": scores["sites"],
          "mean": scores["mean"], "std": scores["std"]}

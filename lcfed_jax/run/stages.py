@@ -52,12 +52,17 @@ class Schedule:
     return before[max(before.index(stage) - 1, 0)]
 
 
+def fresh_opt_state(opt_state, zeros_like=jnp.zeros_like):
+  """The optimizer state as at the start: every optimizer of `lcfed_jax.fed.optim` starts
+  from zeros (moments, step counts, the zero_grad 'seen' flags). `zeros_like=np.zeros_like`
+  keeps host arrays on the host (a Flower client's state)."""
+  return jax.tree.map(zeros_like, opt_state)
+
+
 @jax.jit
 def _restart(state, tree):
-  # Every optimizer of `lcfed_jax.fed.optim` starts from zeros (moments, step counts,
-  # the zero_grad 'seen' flags), so zeros are its fresh state.
   return state.replace(params=tree["params"], model_state=tree["model_state"],
-                       opt_state=jax.tree.map(jnp.zeros_like, state.opt_state))
+                       opt_state=fresh_opt_state(state.opt_state))
 
 
 def restart_from_selected(state, tree):

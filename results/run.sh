@@ -42,10 +42,24 @@ if [ "${STUDY:-methods}" = ablation ]; then
   fi
 fi
 note="$protocol_note Rerun: $rerun."
+# Runs collected earlier (committed under $out/runs, e.g. by another session whose
+# workdirs are gone) count as finished: their small files are put back into the sweep.
+for done in "$out"/runs/*/seed*; do
+  [ -f "$done/results.json" ] || continue
+  dest="$sweep/$(basename "$(dirname "$done")")/$(basename "$done")"
+  if [ ! -f "$dest/results.json" ]; then
+    mkdir -p "$dest" && cp "$done"/*.json* "$dest"/
+    # seeds trained in one program read their timing from the program's folder
+    [ -f "$(dirname "$dest")/timing.json" ] || cp "$done/timing.json" "$(dirname "$dest")/"
+  fi
+done
 "${PYTHON:-python}" launch.py --config "configs/${task}.py" --mode sweep --workdir "$sweep" --methods "$methods" \
   --seeds "${SEEDS:-$protocol_seeds}" --note "$note" "${protocol_args[@]}" ${PACK:+"--config.data.pack=$PACK"} "${@:2}"
 mkdir -p "$out"
-cp "$sweep"/results.md "$sweep"/results.csv "$sweep"/iou_curves.png "$sweep"/overlays_best_worst.png "$out"/
+cp "$sweep"/results.md "$sweep"/results.csv "$sweep"/iou_curves.png "$out"/
+# Drawn from the best and the worst run's own overlays, which runs put back from an
+# earlier session do not have: then the figure collected then stays.
+if [ -f "$sweep"/overlays_best_worst.png ]; then cp "$sweep"/overlays_best_worst.png "$out"/; fi
 for run in "$sweep"/*/seed*; do
   dest="$out/runs/$(basename "$(dirname "$run")")/$(basename "$run")"
   mkdir -p "$dest"

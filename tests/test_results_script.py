@@ -2,6 +2,7 @@
 on generated FAZ-layout data; its table parses back to the runs' own results."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -47,3 +48,10 @@ def test_results_script_end_to_end(tmp_path):
   assert np.isfinite(table[("lcfed", "0", "avg")]["iou"])
   for fig in ("iou_curves.png", "overlays_best_worst.png"):
     assert (out / fig).stat().st_size > 0
+  # Another session: its workdirs are gone, the collected runs count as finished.
+  shutil.rmtree(tmp_path / "sweep")
+  again = subprocess.run(["bash", str(ROOT / "results" / "run.sh"), "faz", *TOY], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=900)
+  assert again.returncode == 0, again.stderr[-3000:]
+  assert "(2 finished already)" in again.stderr and "compiling" not in again.stderr
+  assert tables.read_csv(out / "results.csv") == table

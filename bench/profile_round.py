@@ -122,7 +122,7 @@ def run_round(a):
   import jax.numpy as jnp
   import numpy as np
   from lcfed_jax.fed import setup
-  from throughput import device_name, make_config, random_data
+  from throughput import device_name, make_config, random_data, timed_rounds
 
   c = make_config(a.method, a.impl, a, a.size)
   if a.depth:
@@ -136,14 +136,8 @@ def run_round(a):
   compiled = exp.round_fn(exp.stages[0]).lower(state, data, weights).compile()
   compile_s = time.perf_counter() - t0
   text = compiled.as_text() or ""
-  state, losses, _ = compiled(state, data, weights)      # warm-up
-  jax.block_until_ready(losses)
-  times = []
-  for _ in range(a.rounds):
-    t = time.perf_counter()
-    state, losses, _ = compiled(state, data, weights)
-    jax.block_until_ready(losses)
-    times.append(time.perf_counter() - t)
+  state, _, _ = timed_rounds(compiled, state, data, weights, 1)      # warm-up
+  state, losses, times = timed_rounds(compiled, state, data, weights, a.rounds)
   round_s = statistics.median(times) if times else None
   images = a.sites * max(a.seeds, 1) * a.batch * a.local_steps
   # The timing first, in case tracing or reading the trace outlives a time limit.

@@ -117,6 +117,18 @@ def init_state(exp, c, a, size):
   return jax.tree.map(jnp.copy, state), init_s
 
 
+def timed_rounds(compiled, state, data, weights, rounds: int):
+  """(last state, last losses, seconds of each of `rounds` calls): each call waits for
+  its results, so a time is one whole round on the device."""
+  times, losses = [], None
+  for _ in range(rounds):
+    t0 = time.perf_counter()
+    state, losses, _ = compiled(state, data, weights)
+    jax.block_until_ready((state, losses))
+    times.append(time.perf_counter() - t0)
+  return state, losses, times
+
+
 def bench_one(method, impl, size, a, data, dev):
   c = make_config(method, impl, a, size)
   exp = setup.build(c, a.sites, 3, 1, (size, size, 3))
@@ -127,16 +139,8 @@ def bench_one(method, impl, size, a, data, dev):
   t0 = time.perf_counter()
   compiled = round_fn.lower(state, data, weights).compile()
   compile_s = time.perf_counter() - t0
-  t0 = time.perf_counter()
-  state, losses, _ = compiled(state, data, weights)   # warm-up round
-  jax.block_until_ready((state, losses))
-  warm_s = time.perf_counter() - t0
-  times = []
-  for _ in range(a.rounds):
-    t0 = time.perf_counter()
-    state, losses, _ = compiled(state, data, weights)
-    jax.block_until_ready((state, losses))
-    times.append(time.perf_counter() - t0)
+  state, _, (warm_s,) = timed_rounds(compiled, state, data, weights, 1)   # warm-up round
+  state, losses, times = timed_rounds(compiled, state, data, weights, a.rounds)
   round_s = statistics.median(times)
   peak, kind = peak_memory(dev)
   loss = np.asarray(losses)

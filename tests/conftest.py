@@ -72,7 +72,7 @@ def lcfed_flower(tmp_path_factory):
 # The longest test files first: xdist hands out whole files (--dist loadfile) in collection
 # order (--no-loadscope-reorder), so the 2 workers finish together instead of one running
 # the multi-device file alone at the end (cold-cache seconds per file, 2-core CPU).
-_LONGEST_FIRST = ("test_sharding.py", "test_deploy.py", "test_deploy_equality.py", "test_methods_new.py",
+_LONGEST_FIRST = ("test_data_pack.py", "test_sharding.py", "test_deploy.py", "test_deploy_equality.py", "test_methods_new.py",
                   "test_methods.py", "test_seeds.py", "test_conv.py",
                   "test_engine.py", "test_deploy_parts.py", "test_checkpoints.py", "test_errors.py")
 

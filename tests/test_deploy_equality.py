@@ -1,10 +1,10 @@
 """Flower == simulation: the same config, seed, init and batch streams give the same
 parameters, optimizer states, scores and selections through the Flower apps as through
-launch.py's `train_and_evaluate`, within fp32 round-off: FedAvg (three sites of unequal
-size, two rounds) and LC-Fed's stages A and B (two rounds each), where stage B starts
-from every site's selected stage-A model with a fresh optimizer state and selects on its
-own (`lcfed.hc_start='selected'`), or goes on from the last round with one selection
-('last').
+launch.py's `train_and_evaluate`, within the round-off that separates two simulations:
+FedAvg (three sites of unequal size, two rounds) and LC-Fed's stages A and B (two rounds
+each), where stage B starts from every site's selected stage-A model with a fresh
+optimizer state and selects on its own (`lcfed.hc_start='selected'`), or goes on from
+the last round with one selection ('last').
 
 Both run with SGD (momentum 0.9, `flower_helpers.SGD`): with instance norm a conv bias's
 gradient is zero up to round-off, which Adam's normalisation turns into steps of +-lr in
@@ -32,10 +32,15 @@ from lcfed_jax.run.train import train_and_evaluate  # noqa: E402
 # programs. One such pixel moves a site's mean IoU by at most 1/(4 images x its union
 # size) and its distances by a fraction of a pixel: the tolerances allow a few.
 TOLERANCE = {"iou": 3e-3, "dice": 3e-3, "assd": 0.1, "hd95": 0.5}
-# HC's momentum (values ~1) sums gradients of its disagreement maps that round-off moves
-# by ~1e-4: the simulation alone, run with two conv implementations (unroll, im2col),
-# ends stage B with HC's traces 1.5e-4 apart; Flower's are 8e-5 from the simulation's.
-OPT_ATOL = 5e-4
+# Round-off is not a fixed size here: the suite compiles without XLA's optimisation passes
+# (conftest.py), and then stage B's HC amplifies it (its momentum sums gradients of
+# disagreement maps): two simulations that differ only in the convolution's
+# implementation end stage B with HC's traces 2e-2 apart and body kernels 1e-5 apart,
+# with the passes on 1e-4 and 1e-7. So every leaf and loss is held to SLACK times the gap
+# between two such simulations (the reference spread), plus the fp32 floor below.
+SLACK = 4.0
+ATOL, LOSS_RTOL = 2e-6, 1e-5
+OTHER_CONV = "im2col"
 
 
 def _close_scores(a, b, where):
@@ -52,12 +57,15 @@ def _same_selection(a, b, where):
 
 
 def _assert_flower_equals(flower_dir, sim, rounds):
+  """Flower's run in flower_dir against `sim` (and its reference spread `sim["other"]`)."""
   flower, simulated = fh.metrics(flower_dir), fh.metrics(sim["workdir"])
+  other = fh.metrics(sim["other"]["workdir"])
   assert [r["round"] for r in flower] == [r["round"] for r in simulated] == rounds
-  for f, s in zip(flower, simulated):
+  for f, s, o in zip(flower, simulated, other):
     where = f"round {f['round']}"
     assert f["stage"] == s["stage"], where
-    np.testing.assert_allclose(f["loss"], s["loss"], rtol=1e-5, err_msg=f"{where} loss")
+    spread = SLACK * np.abs(np.subtract(s["loss"], o["loss"]))
+    np.testing.assert_allclose(f["loss"], s["loss"], rtol=LOSS_RTOL, atol=spread.max(), err_msg=f"{where} loss")
     _close_scores(f, s, f"{where} test")
     _close_scores(f["val"], s["val"], f"{where} val")
     _same_selection(f["selection"], s["selection"], where)
@@ -65,6 +73,7 @@ def _assert_flower_equals(flower_dir, sim, rounds):
   # Every site's whole state after the last round's server step (parameters, personal and
   # shared, model and optimizer state, data key, round counter) and its selected model.
   state, selected = records.leaves(sim["state"]), flat(sim["selected"]["params"])
+  state_o, selected_o = records.leaves(sim["other"]["state"]), flat(sim["other"]["selected"]["params"])
   for k, site in enumerate(sim["data"].site_names):
     mine, chosen = fh.client_leaves(flower_dir, site), fh.client_leaves(flower_dir, site, "selected.msgpack")
     assert mine.keys() == state.keys(), site
@@ -76,10 +85,11 @@ def _assert_flower_equals(flower_dir, sim, rounds):
       value, opt = value[k], path.startswith("opt_state/")
       if opt and not value.any():   # fresh (stage B's start) and not trained since: exactly
         assert not mine[path][0].any(), f"{site} {path}: not a fresh optimizer state"
-      np.testing.assert_allclose(mine[path][0], value, rtol=1e-5, atol=OPT_ATOL if opt else 2e-6,
-                                 err_msg=f"{site} {path}")
+      spread = SLACK * np.abs(value - np.asarray(state_o[path])[k]).max()
+      np.testing.assert_allclose(mine[path][0], value, rtol=0, atol=ATOL + spread, err_msg=f"{site} {path}")
     for path, value in selected.items():
-      np.testing.assert_allclose(chosen[f"params/{path}"][0], value[k], rtol=0, atol=2e-6,
+      spread = SLACK * np.abs(value[k] - selected_o[path][k]).max()
+      np.testing.assert_allclose(chosen[f"params/{path}"][0], value[k], rtol=0, atol=ATOL + spread,
                                  err_msg=f"{site} selected {path}")
 
   result_f = json.loads((flower_dir / "results.json").read_text())
@@ -96,8 +106,14 @@ def _assert_flower_equals(flower_dir, sim, rounds):
 
 
 def _simulate(rc, workdir):
-  sim = train_and_evaluate(fh.config_of(rc), str(workdir), log=lambda _: None)
-  return dict(sim, workdir=workdir)
+  """The simulation, and beside it the same one with another convolution (the spread)."""
+  runs = []
+  for impl, where in ((None, workdir), (OTHER_CONV, workdir.with_name(workdir.name + "_" + OTHER_CONV))):
+    c = fh.config_of(rc)
+    if impl:
+      c.model.conv_impl = impl
+    runs.append(dict(train_and_evaluate(c, str(where), log=lambda _: None), workdir=where))
+  return dict(runs[0], other=runs[1])
 
 
 def test_fedavg_through_flower_equals_the_simulation(tmp_path):

@@ -2,12 +2,12 @@
 
 A pack holds what `load_task` returns for the config it was built with (every site's
 train and test split at one image size; the validation split is carved from train at run
-time as usual), compressed to travel: images as JPEG at a stated quality (or PNG), masks
-as lossless PNG (class c in bit c). One `<site>.<split>.npz` per site and split holds the
-encoded files concatenated, their offsets, the example names and, for volumes, the
-volume and slice indices. `manifest.json` records the format version, task, image size,
-the data settings the pack was built with, the sites and their counts, the codecs and the
-sha256 and size of every file.
+time as usual), compressed to travel: images as WebP or JPEG at a stated quality (or
+PNG), masks as lossless PNG (class c in bit c). One `<site>.<split>.npz` per site and
+split holds the encoded files concatenated, their offsets, the example names and, for
+volumes, the volume and slice indices. `manifest.json` records the format version, task,
+image size, the data settings the pack was built with, the sites and their counts, the
+codecs and the sha256 and size of every file.
 
 Reading a pack (`site_names`, `load_pack`) needs NumPy and Pillow only: no TFDS, no raw
 data, so a machine that has the pack alone trains with `--config.data.pack=DIR`. A pack
@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Dict, Iterable, List, Optional
 
 import numpy as np
-from PIL import Image
+from PIL import Image, features
 
 from lcfed_jax.data.types import FederatedData, SiteSplit
 from lcfed_jax.util.errors import DataError
@@ -62,12 +62,15 @@ def data_settings(config) -> Dict[str, object]:
 # ------------------------------------------------------------------ codecs
 
 def encode_image(a: np.ndarray, codec: Dict) -> bytes:
-  """uint8 [H, W, C] -> JPEG (4:4:4, optimised, progressive) or PNG bytes."""
+  """uint8 [H, W, C] -> JPEG (4:4:4, optimised, progressive), WebP (lossy, slowest and
+  smallest method) or PNG bytes."""
   im = Image.fromarray(a[..., 0] if a.shape[-1] == 1 else a)
   buf = io.BytesIO()
   if codec["format"] == "jpeg":
     im.save(buf, format="JPEG", quality=int(codec["quality"]), subsampling=0, optimize=True,
             progressive=True)
+  elif codec["format"] == "webp":
+    im.save(buf, format="WEBP", quality=int(codec["quality"]), method=6)
   else:
     im.save(buf, format="PNG", compress_level=9)
   return buf.getvalue()
@@ -211,6 +214,13 @@ def read_manifest(pack) -> Dict:
   missing = [k for k in need if k not in m]
   if missing:
     raise DataError(f"data pack manifest {path} lacks {missing}; rebuild the pack")
+  fmt = (m["image_codec"] or {}).get("format") if isinstance(m["image_codec"], dict) else None
+  if fmt not in ("jpeg", "webp", "png"):
+    raise DataError(f"data pack manifest {path}: image_codec format {fmt!r}, expected jpeg, webp or png")
+  if fmt == "webp" and not features.check("webp"):
+    raise DataError(f"data pack {pack} holds WebP images and this Pillow cannot decode WebP; install "
+                    f"a Pillow built with libwebp (the PyPI wheels are) or rebuild the pack with "
+                    f"--image_format jpeg")
   for site in m["site_names"]:
     for split in SPLITS:
       entry = (m["sites"].get(site) or {}).get(split) or {}

@@ -4,7 +4,9 @@ Restores the best (the selected model) or the latest checkpoint of a workdir ont
 devices present, whatever topology trained it, and evaluates every site on its test
 split into results.* (or eval_latest.*) and the overlay figure. The model, method and
 data come from the checkpoint's own config; the evaluation settings, the data location
-and the devices come from the config given now.
+and the devices come from the config given now (a data pack named now, `data.pack`,
+replaces the one the model was trained from, or the raw data: the same test split
+scored from a pack's images).
 
 The files go to `eval.out_dir` when it is set, else into the workdir. A workdir that
 cannot be written (an archived study, a shared results folder) is only read: the
@@ -39,6 +41,8 @@ def eval_config(config, saved: Dict):
   if "root" in config.data:
     c.data.root = config.data.root
     c.data.tfds_dir = config.data.tfds_dir
+  if config.data.get("pack"):
+    c.data.pack = config.data.pack
   return c
 
 

@@ -1,6 +1,7 @@
 """Building blocks shared by the U-Net, PCS and HC: the site convolution and the norms."""
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Tuple
 
@@ -52,16 +53,88 @@ class SiteConv(nn.Module):
     return y
 
 
+def _instance_norm_fwd(x, epsilon):
+  x32 = x.astype(jnp.float32)
+  mean = jnp.mean(x32, axis=(-3, -2), keepdims=True)
+  xc = x32 - mean
+  rstd = jax.lax.rsqrt(jnp.mean(jnp.square(xc), axis=(-3, -2), keepdims=True) + epsilon)
+  y = xc * rstd
+  return y.astype(x.dtype), (y, rstd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def instance_norm(x, epsilon: float = 1e-5):
+  """(x - mean) / sqrt(var + eps) over H, W per image and channel, statistics in fp32.
+
+  The backward pass is the closed form dx = rstd * (g - mean(g) - y * mean(g * y)): two
+  reductions that fuse into one pass, where differentiating the forward pass gives five
+  (mean, centring, variance and their transposes); 1.7x faster per norm on XLA:CPU
+  (fwd + bwd), where the norms took 14% of an LC-Fed round at 96 px.
+  """
+  return _instance_norm_fwd(x, epsilon)[0]
+
+
+def _instance_norm_bwd(epsilon, res, g):
+  y, rstd = res
+  g32 = g.astype(jnp.float32)
+  mg = jnp.mean(g32, axis=(-3, -2), keepdims=True)
+  mgy = jnp.mean(g32 * y, axis=(-3, -2), keepdims=True)
+  return (((g32 - mg - y * mgy) * rstd).astype(g.dtype),)
+
+
+instance_norm.defvjp(_instance_norm_fwd, _instance_norm_bwd)
+
+
+def _max_pool_fwd(x):
+  b, h, w, c = x.shape
+  win = x.reshape(b, h // 2, 2, w // 2, 2, c)
+  y = win.max(axis=(2, 4))
+  return y, (win, y)
+
+
+@jax.custom_vjp
+def max_pool_2x2(x):
+  """2x2 max-pool, stride 2, on even H and W, as a reshape and a max.
+
+  The gradient goes to the first maximum of each window in row-major order, as PyTorch's
+  max_pool2d and XLA's select-and-scatter send it (jnp.max's own gradient would split it
+  between tied maxima). XLA:CPU lowers the select-and-scatter of `nn.max_pool`'s
+  gradient to a variadic reduce-window over five index arrays of the input's size; this
+  form is elementwise and 4-6x faster, forward and backward.
+  """
+  return _max_pool_fwd(x)[0]
+
+
+def _max_pool_bwd(res, g):
+  win, y = res
+  b, h2, _, w2, _, c = win.shape
+  hit = win == y[:, :, None, :, None, :]
+  # In row-major window order (0,0), (0,1), (1,0), (1,1): keep the first hit only.
+  flat = jnp.transpose(hit, (0, 1, 3, 2, 4, 5)).reshape(b, h2, w2, 4, c)
+  seen = jnp.cumsum(flat.astype(jnp.int32), axis=3)
+  first = flat & (seen == 1)
+  gx = jnp.where(first, g[:, :, :, None, :], jnp.zeros((), g.dtype))
+  gx = jnp.transpose(gx.reshape(b, h2, w2, 2, 2, c), (0, 1, 3, 2, 4, 5))   # [b, h2, 2, w2, 2, c]
+  return (gx.reshape(b, 2 * h2, 2 * w2, c),)
+
+
+max_pool_2x2.defvjp(_max_pool_fwd, _max_pool_bwd)
+
+
+def max_pool(x):
+  """nn.max_pool(x, (2, 2), (2, 2)): the fast form where H and W are even."""
+  if x.shape[-3] % 2 or x.shape[-2] % 2:
+    return nn.max_pool(x, (2, 2), (2, 2))
+  return max_pool_2x2(x)
+
+
 class InstanceNorm(nn.Module):
   """PyTorch InstanceNorm2d defaults: no affine, no running stats, eps 1e-5, biased var."""
   epsilon: float = 1e-5
 
   @nn.compact
   def __call__(self, x):
-    x32 = x.astype(jnp.float32)
-    mean = jnp.mean(x32, axis=(-3, -2), keepdims=True)
-    var = jnp.mean(jnp.square(x32 - mean), axis=(-3, -2), keepdims=True)
-    return ((x32 - mean) * jax.lax.rsqrt(var + self.epsilon)).astype(x.dtype)
+    return instance_norm(x, self.epsilon)
 
 
 def norm(kind: str, x, train: bool, name: str):

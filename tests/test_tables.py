@@ -53,3 +53,17 @@ def test_stage_rows_and_orderings_match_a_direct_computation(tmp_path):
 def test_lower_is_better_for_distances():
   assert orderings.verdict((1.0, 0.1), (2.0, 0.1), higher_is_better=False)[0] == "holds"
   assert orderings.verdict((1.0, 0.3), (1.5, 0.3), higher_is_better=False)[0] == "not separable"
+
+
+def test_an_ablation_reads_against_its_default_row(tmp_path):
+  seeds = (0, 1, 2)
+  iou = {"lcfed": 0.80, "lcfed[x=1]": 0.70, "lcfed[x=2]": 0.90, "lcfed[x=3]": 0.801}
+  per = {m: {s: _result(m, [v + 0.002 * s, v + 0.002 * s], stage_a=[0.6, 0.6] if m == "lcfed" else None)
+             for s in seeds} for m, v in iou.items()}
+  table, _ = _table(tmp_path, per)
+  out = {r["claim"]: r["verdict"] for r in orderings.evaluate(table, against="lcfed")}
+  assert out == {"lcfed > lcfed[x=1]": "holds", "lcfed > lcfed[x=2]": "reversed",
+                 "lcfed > lcfed[x=3]": "not separable", "lcfed > lcfed (stage A)": "holds"}
+  with pytest.raises(orderings.UserError, match="--against nope: no such row"):
+    orderings.evaluate(table, against="nope")
+  assert "default > variant (iou)" in orderings.to_markdown(orderings.evaluate(table, "iou", "lcfed"), "iou", "lcfed")

@@ -44,15 +44,23 @@ fi
 note="$protocol_note Rerun: $rerun."
 # Runs collected earlier (committed under $out/runs, e.g. by another session whose
 # workdirs are gone) count as finished: their small files are put back into the sweep.
-for done in "$out"/runs/*/seed*; do
-  [ -f "$done/results.json" ] || continue
-  dest="$sweep/$(basename "$(dirname "$done")")/$(basename "$done")"
-  if [ ! -f "$dest/results.json" ]; then
-    mkdir -p "$dest" && cp "$done"/*.json* "$dest"/
-    # seeds trained in one program read their timing from the program's folder
-    [ -f "$(dirname "$dest")/timing.json" ] || cp "$done/timing.json" "$(dirname "$dest")/"
-  fi
-done
+put_back() {  # put_back COMMITTED_METHOD_DIR SWEEP_METHOD_DIR
+  for done in "$1"/seed*; do
+    [ -f "$done/results.json" ] || continue
+    dest="$2/$(basename "$done")"
+    if [ ! -f "$dest/results.json" ]; then
+      mkdir -p "$dest" && cp "$done"/*.json* "$dest"/
+      # seeds trained in one program read their timing from the program's folder
+      [ -f "$2/timing.json" ] || cp "$done/timing.json" "$2/"
+    fi
+  done
+}
+for done in "$out"/runs/*/; do put_back "${done%/}" "$sweep/$(basename "$done")"; done
+# The ablation's default row from the methods study's committed LC-Fed run, when its
+# workdir is gone.
+if [ "${STUDY:-methods}" = ablation ] && [ ! -e "$sweep/lcfed" ]; then
+  put_back "$(dirname "$out")/runs/lcfed" "$sweep/lcfed"
+fi
 "${PYTHON:-python}" launch.py --config "configs/${task}.py" --mode sweep --workdir "$sweep" --methods "$methods" \
   --seeds "${SEEDS:-$protocol_seeds}" --note "$note" "${protocol_args[@]}" ${PACK:+"--config.data.pack=$PACK"} "${@:2}"
 mkdir -p "$out"

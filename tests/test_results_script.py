@@ -55,3 +55,12 @@ def test_results_script_end_to_end(tmp_path):
   assert again.returncode == 0, again.stderr[-3000:]
   assert "(2 finished already)" in again.stderr and "compiling" not in again.stderr
   assert tables.read_csv(out / "results.csv") == table
+  # The ablation, its workdirs gone too: its default row is the committed LC-Fed run.
+  abl = subprocess.run(["bash", str(ROOT / "results" / "run.sh"), "faz", *TOY], cwd=ROOT, capture_output=True,
+                       env=dict(env, STUDY="ablation", METHODS="lcfed", SWEEP_DIR=str(tmp_path / "ablation")),
+                       text=True, timeout=900)
+  assert abl.returncode == 0, abl.stderr[-3000:]
+  assert "(1 finished already)" in abl.stderr and "compiling" not in abl.stderr
+  ablation = tables.read_csv(out / "ablation" / "results.csv")
+  assert {k: v for k, v in ablation.items() if k[0] == "lcfed"} == {k: v for k, v in table.items() if k[0] == "lcfed"}
+  assert "Rerun: STUDY=ablation bash results/run.sh faz" in (out / "ablation" / "results.md").read_text()
